@@ -1,0 +1,415 @@
+//! Configuration: one typed tree read from the environment (12-factor).
+//!
+//! Every setting is an environment variable. Start-up reads them all before
+//! anything else happens and stops at the first bad one with a message that
+//! names the variable, so a typo fails in milliseconds instead of surfacing as
+//! a connection error minutes later. Secrets (the database URL may carry a
+//! password) are held in [`SecretString`] and never printed.
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/ocsync` | Postgres holding the queue, the CP configuration and the `ocsync_data` tables. Secret. |
+//! | `DATABASE_MAX_CONNECTIONS` | `10` | Pool size per process (1–1000). |
+//! | `DATABASE_CONNECT_TIMEOUT_SECS` | `5` | How long to wait for a connection before failing (1–600). |
+//! | `API_LISTEN` | `0.0.0.0:8080` | Address the HTTP API binds (`host:port`). |
+//! | `RUST_LOG` | `info` | Log filter, in `tracing-subscriber`'s `EnvFilter` syntax. |
+//! | `LOG_FORMAT` | `text` | `text` (human, coloured on a terminal) or `json` (one object per line). |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`); traces are exported only when set. |
+//! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | unset | Full traces URL; overrides the one derived from the endpoint above. |
+//! | `OTEL_SERVICE_NAME` | `ocsync` | `service.name` of exported spans. |
+//! | `OTEL_SDK_DISABLED` | `false` | `true` turns exporting off even when an endpoint is set. |
+//!
+//! The OpenTelemetry SDK reads its other standard variables itself
+//! (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`, …).
+//!
+//! An empty variable counts as unset, as Kubernetes and shells often produce
+//! `VAR=` where they mean "no value".
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+
+/// A configuration variable that is present but unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {var}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// What is wrong with it, without echoing secrets.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration of one process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub api: ApiConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Config {
+    /// Reads every variable from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&Env::process())
+    }
+
+    /// Reads every variable through `env`, so tests need not touch the
+    /// process environment.
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            telemetry: TelemetryConfig::from_lookup(env)?,
+            database: DatabaseConfig::from_lookup(env)?,
+            api: ApiConfig::from_lookup(env)?,
+        })
+    }
+}
+
+/// Where configuration values come from: the process environment, or a fixed
+/// list (tests).
+pub enum Env {
+    Process,
+    Fixed(std::collections::HashMap<String, String>),
+}
+
+impl Env {
+    pub fn process() -> Self {
+        Self::Process
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self::Fixed(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    /// The value of `var`, with empty treated as unset.
+    pub fn get(&self, var: &str) -> Option<String> {
+        let value = match self {
+            Self::Process => std::env::var(var).ok(),
+            Self::Fixed(map) => map.get(var).cloned(),
+        };
+        value.filter(|v| !v.trim().is_empty())
+    }
+
+    fn parse_or<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(var) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::new(var, format!("cannot parse {raw:?}: {e}"))),
+        }
+    }
+
+    fn ranged(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let v: u64 = self.parse_or(var, default)?;
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::new(
+                var,
+                format!("{v} is out of range ({}–{})", range.start(), range.end()),
+            ))
+        }
+    }
+
+    fn bool_or(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::new(var, format!("{v:?} is not true or false"))),
+            },
+        }
+    }
+}
+
+/// The default database: the local development server with a database of
+/// our own.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ocsync";
+
+/// Connection settings for the Postgres that holds everything ocsync keeps.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    url: SecretString,
+    pub options: PgConnectOptions,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &"[redacted]")
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        const VAR: &str = "DATABASE_URL";
+        let raw = env
+            .get(VAR)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let options = parse_database_url(&raw).map_err(|reason| ConfigError::new(VAR, reason))?;
+        Ok(Self {
+            url: SecretString::from(raw),
+            options,
+            max_connections: env.ranged("DATABASE_MAX_CONNECTIONS", 10, 1..=1000)? as u32,
+            connect_timeout: Duration::from_secs(env.ranged(
+                "DATABASE_CONNECT_TIMEOUT_SECS",
+                5,
+                1..=600,
+            )?),
+        })
+    }
+
+    /// The URL as configured. Secret: it may hold a password.
+    pub fn url(&self) -> &SecretString {
+        &self.url
+    }
+
+    /// The same server with another database name; the test harness and the
+    /// demo use it to create databases of their own.
+    pub fn with_database(&self, name: &str) -> Self {
+        let mut url = url::Url::parse(self.url.expose_secret()).expect("validated at load");
+        url.set_path(name);
+        Self {
+            options: self.options.clone().database(name),
+            url: SecretString::from(url.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The database name this configuration points at.
+    pub fn database_name(&self) -> Option<&str> {
+        self.options.get_database()
+    }
+}
+
+/// Checks a database URL without ever echoing it: the reason names the part
+/// that is wrong, never the password.
+fn parse_database_url(raw: &str) -> Result<PgConnectOptions, String> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| {
+        format!("not a URL ({e}); expected postgres://user[:password]@host[:port]/database")
+    })?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "scheme {:?} is not postgres:// or postgresql://",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) && !url.query_pairs().any(|(k, _)| k == "host") {
+        return Err("the URL names no host".into());
+    }
+    PgConnectOptions::from_str(raw.trim()).map_err(|e| {
+        // sqlx's messages describe the option at fault; they do not repeat the URL.
+        format!("invalid connection options: {e}")
+    })
+}
+
+/// The HTTP API's own settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+impl ApiConfig {
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: env.parse_or("API_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+        })
+    }
+}
+
+/// How the process reports what it does: logs and traces.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    /// Where spans go; `None` exports nothing.
+    pub otlp_traces_endpoint: Option<url::Url>,
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err("expected text or json".into()),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&Env::process())
+    }
+
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        let log_filter = env.get("RUST_LOG").unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&log_filter)
+            .map_err(|e| ConfigError::new("RUST_LOG", format!("invalid filter: {e}")))?;
+        let disabled = env.bool_or("OTEL_SDK_DISABLED", false)?;
+        let otlp_traces_endpoint = match (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            _ if disabled => None,
+            (Some(full), _) => Some(http_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &full)?),
+            (None, Some(base)) => {
+                // The OTLP/HTTP specification: signal paths are appended to the base.
+                let mut url = http_url("OTEL_EXPORTER_OTLP_ENDPOINT", &base)?;
+                let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+                url.set_path(&path);
+                Some(url)
+            }
+            (None, None) => None,
+        };
+        Ok(Self {
+            log_filter,
+            log_format: env.parse_or("LOG_FORMAT", LogFormat::Text)?,
+            otlp_traces_endpoint,
+            service_name: env
+                .get("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|| "ocsync".to_owned()),
+        })
+    }
+}
+
+fn http_url(var: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(raw.trim())
+        .map_err(|e| ConfigError::new(var, format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::new(
+            var,
+            format!("scheme {:?} is not http or https", url.scheme()),
+        ));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_lookup(&Env::from_pairs(pairs.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.database.database_name(), Some("ocsync"));
+        assert_eq!(c.database.max_connections, 10);
+        assert_eq!(c.api.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.telemetry.log_format, LogFormat::Text);
+        assert!(c.telemetry.otlp_traces_endpoint.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("DATABASE_URL", "nonsense", "not a URL"),
+            ("DATABASE_URL", "mysql://h/db", "is not postgres://"),
+            ("DATABASE_MAX_CONNECTIONS", "0", "out of range"),
+            ("DATABASE_MAX_CONNECTIONS", "ten", "cannot parse"),
+            ("API_LISTEN", "8080", "cannot parse"),
+            ("LOG_FORMAT", "xml", "expected text or json"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "scheme"),
+            ("OTEL_SDK_DISABLED", "maybe", "not true or false"),
+            ("RUST_LOG", "info,[", "invalid filter"),
+        ];
+        for (var, value, want) in cases {
+            let err = load(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, *var, "{var}={value}");
+            assert!(err.reason.contains(want), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn database_url_password_never_appears_in_errors_or_debug() {
+        let err = load(&[("DATABASE_URL", "postgres://u:hunter2@h:99999/db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let ok = load(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]).unwrap();
+        assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn otlp_endpoint_gets_the_traces_path() {
+        let c = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]).unwrap();
+        assert_eq!(
+            c.telemetry.otlp_traces_endpoint.unwrap().as_str(),
+            "http://c:4318/v1/traces"
+        );
+        let c = load(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:1/x"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.telemetry.otlp_traces_endpoint.unwrap().as_str(),
+            "http://t:1/x"
+        );
+        let c = load(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ])
+        .unwrap();
+        assert!(c.telemetry.otlp_traces_endpoint.is_none());
+    }
+
+    #[test]
+    fn empty_counts_as_unset() {
+        let c = load(&[("DATABASE_URL", ""), ("LOG_FORMAT", " ")]).unwrap();
+        assert_eq!(c.database.database_name(), Some("ocsync"));
+        assert_eq!(c.telemetry.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn with_database_keeps_the_server_and_credentials() {
+        let c = load(&[("DATABASE_URL", "postgres://u:pw@h:5433/a?sslmode=disable")]).unwrap();
+        let d = c.database.with_database("b");
+        assert_eq!(d.database_name(), Some("b"));
+        assert_eq!(
+            d.url().expose_secret(),
+            "postgres://u:pw@h:5433/b?sslmode=disable"
+        );
+    }
+}
