@@ -4,8 +4,10 @@
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod mapping;
 pub mod odm;
 pub mod openclinica;
+pub mod sink;
 pub mod telemetry;
 
 /// Installs ring as the process's TLS crypto provider (once; later calls do

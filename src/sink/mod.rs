@@ -1,0 +1,109 @@
+//! Sinks: where mapped records are written. One interface, two writers:
+//! the Postgres tables in `ocsync_data` (the default) and OpenSpecimen's
+//! REST API.
+//!
+//! A sink writes one batch of subjects at a time inside the transaction the
+//! sync run also uses for its checkpoint, so a batch's records and the
+//! run's progress commit together (the OpenSpecimen writer keeps its
+//! bookkeeping of OpenSpecimen ids in that transaction). A sink knows
+//! nothing of ODM, OpenClinica or the queue.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+use crate::mapping::{RecordError, SubjectRecords};
+
+/// Created / updated / unchanged / failed counts for one entity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityCounts {
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub failed: u64,
+}
+
+impl EntityCounts {
+    pub fn add(&mut self, other: &Self) {
+        self.created += other.created;
+        self.updated += other.updated;
+        self.unchanged += other.unchanged;
+        self.failed += other.failed;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.created + self.updated + self.unchanged + self.failed
+    }
+}
+
+/// Counts for every entity a run writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub participants: EntityCounts,
+    pub visits: EntityCounts,
+    pub specimens: EntityCounts,
+    pub form_records: EntityCounts,
+}
+
+impl Counts {
+    pub fn add(&mut self, other: &Self) {
+        self.participants.add(&other.participants);
+        self.visits.add(&other.visits);
+        self.specimens.add(&other.specimens);
+        self.form_records.add(&other.form_records);
+    }
+}
+
+/// What writing one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub counts: Counts,
+    /// Records that could not be written; the rest of the batch was.
+    pub errors: Vec<RecordError>,
+}
+
+/// Writes batches of mapped subjects for one CP.
+pub trait Sink: Send + Sync {
+    /// Writes `batch` for CP `cp` inside `tx`, which the caller commits
+    /// together with the run's checkpoint. Per-record failures come back as
+    /// [`BatchOutcome::errors`]; an `Err` means the batch as a whole could
+    /// not be written (the caller rolls back and may retry it).
+    fn write_batch(
+        &self,
+        tx: &mut PgConnection,
+        cp: &str,
+        batch: &[SubjectRecords],
+    ) -> impl Future<Output = Result<BatchOutcome, SinkError>> + Send;
+}
+
+/// A batch that could not be written at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("database error while writing the batch: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl SinkError {
+    /// Whether trying the same batch again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                        | sqlx::Error::Protocol(_)
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("40") || c == "57P01")
+            }
+            Self::Remote(_) => true,
+        }
+    }
+}
