@@ -40,8 +40,9 @@ test: ## Run every test (starts Postgres first; each test makes its own database
 	export OCSYNC_TEST_DATABASE_URL="$${OCSYNC_TEST_DATABASE_URL:-$$server/postgres}"; \
 	$(CARGO) test --locked --all-targets
 
-bench: ## Benchmarks: ODM reader throughput against a bare XML loop, peak memory.
+bench: ## Benchmarks: ODM reader against a bare XML loop (and peak memory); Postgres sink against a bare COPY.
 	$(CARGO) bench --locked --bench odm
+	$(CARGO) bench --locked --bench sink_postgres
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check

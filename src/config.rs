@@ -18,6 +18,15 @@
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | unset | Full traces URL; overrides the one derived from the endpoint above. |
 //! | `OTEL_SERVICE_NAME` | `ocsync` | `service.name` of exported spans. |
 //! | `OTEL_SDK_DISABLED` | `false` | `true` turns exporting off even when an endpoint is set. |
+//! | `WORKER_CONCURRENCY` | `2` | Sync runs one `ocsync worker` process runs at once (1–64); also its fetch batch size. |
+//! | `WORKER_HEARTBEAT_SECS` | `30` | How often a worker proves it is alive (1–3600). |
+//! | `WORKER_MISSED_HEARTBEATS` | `10` | Heartbeats a worker may miss before its runs are taken up again elsewhere (1–100). |
+//! | `WORKER_POLL_INTERVAL_MS` | `2000` | Fallback poll for due runs; new runs are noticed at once through LISTEN/NOTIFY (50–600000). |
+//! | `RUN_MAX_ATTEMPTS` | `5` | Attempts a run gets before it ends Failed after transient errors (1–100). |
+//! | `RUN_RETRY_BASE_SECS` | `30` | First retry delay; doubled per attempt, at most one hour (0–3600). |
+//! | `RUN_TIMEOUT_SECS` | `21600` | One attempt longer than this fails (and is retried from its checkpoint) (1–604800). |
+//! | `SCHEDULE_CRON` | `0 * * * *` | When the Study Data Importer enqueues an incremental run of every enabled CP (5-field cron, UTC); a CP's own `schedule` overrides it. |
+//! | `RETENTION_DAYS` | `30` | Finished runs and their error reports are deleted after this many days (1–3650). |
 //!
 //! The OpenTelemetry SDK reads its other standard variables itself
 //! (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
@@ -59,6 +68,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub api: ApiConfig,
     pub telemetry: TelemetryConfig,
+    pub queue: QueueConfig,
 }
 
 impl Config {
@@ -74,6 +84,49 @@ impl Config {
             telemetry: TelemetryConfig::from_lookup(env)?,
             database: DatabaseConfig::from_lookup(env)?,
             api: ApiConfig::from_lookup(env)?,
+            queue: QueueConfig::from_lookup(env)?,
+        })
+    }
+}
+
+/// The job queue, the workers, the schedule and retention.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+    pub poll_interval: Duration,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub run_timeout: Duration,
+    /// The default schedule, already checked (a 5-field cron expression).
+    pub schedule_cron: crate::cp::CronSchedule,
+    pub retention: Duration,
+}
+
+impl QueueConfig {
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        let cron = env
+            .get("SCHEDULE_CRON")
+            .unwrap_or_else(|| "0 * * * *".to_owned());
+        let schedule_cron = crate::cp::CronSchedule::parse(cron)
+            .map_err(|e| ConfigError::new("SCHEDULE_CRON", e))?;
+        Ok(Self {
+            concurrency: env.ranged("WORKER_CONCURRENCY", 2, 1..=64)? as usize,
+            heartbeat: Duration::from_secs(env.ranged("WORKER_HEARTBEAT_SECS", 30, 1..=3600)?),
+            missed_heartbeats: env.ranged("WORKER_MISSED_HEARTBEATS", 10, 1..=100)? as usize,
+            poll_interval: Duration::from_millis(env.ranged(
+                "WORKER_POLL_INTERVAL_MS",
+                2000,
+                50..=600_000,
+            )?),
+            max_attempts: env.ranged("RUN_MAX_ATTEMPTS", 5, 1..=100)? as u32,
+            retry_base: Duration::from_secs(env.ranged("RUN_RETRY_BASE_SECS", 30, 0..=3600)?),
+            run_timeout: Duration::from_secs(env.ranged("RUN_TIMEOUT_SECS", 21600, 1..=604_800)?),
+            schedule_cron,
+            retention: Duration::from_secs(
+                env.ranged("RETENTION_DAYS", 30, 1..=3650)? * 86_400,
+            ),
         })
     }
 }
@@ -355,6 +408,9 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "scheme"),
             ("OTEL_SDK_DISABLED", "maybe", "not true or false"),
             ("RUST_LOG", "info,[", "invalid filter"),
+            ("WORKER_CONCURRENCY", "0", "out of range"),
+            ("RUN_MAX_ATTEMPTS", "many", "cannot parse"),
+            ("SCHEDULE_CRON", "every hour", "5 fields"),
         ];
         for (var, value, want) in cases {
             let err = load(&[(var, value)]).unwrap_err();

@@ -3,11 +3,13 @@
 
 pub mod api;
 pub mod config;
+pub mod cp;
 pub mod db;
 pub mod mapping;
 pub mod odm;
 pub mod openclinica;
 pub mod sink;
+pub mod sync;
 pub mod telemetry;
 
 /// Installs ring as the process's TLS crypto provider (once; later calls do

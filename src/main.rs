@@ -42,6 +42,16 @@ enum Command {
     /// Read OpenClinica ODM 1.3 files: counts, or every item value.
     #[command(subcommand)]
     Odm(OdmCommand),
+    /// Run an OpenClinica 3.x/4.x simulator in the foreground: seeded,
+    /// generated studies behind both URL schemes with their real auth flows,
+    /// and fault injection (latency, 5xx, 429, truncated and slow bodies,
+    /// session expiry). The password comes from --password-env
+    /// (OC_SIM_PASSWORD). Prints the URLs to point a client at.
+    OcSim(ocsync::openclinica::sim::cli::SimArgs),
+    /// Manage collection protocol (CP) configurations: add, show, edit,
+    /// validate, list.
+    #[command(subcommand)]
+    Cp(ocsync::cp::cli::CpCommand),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +117,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Odm(cmd) => run_odm(cmd),
+        Command::OcSim(args) => run_oc_sim(args),
+        Command::Cp(cmd) => ocsync::cp::cli::main(cmd),
         Command::Migrate { create_database } => with_runtime(|config| async move {
             if create_database && db::create_database_if_missing(&config.database).await? {
                 tracing::info!(
@@ -239,6 +251,28 @@ fn run_generate(args: GenerateArgs) -> ExitCode {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ocsync: odm generate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ocsync oc-sim`: needs no database, only RUST_LOG and LOG_FORMAT.
+fn run_oc_sim(args: ocsync::openclinica::sim::cli::SimArgs) -> ExitCode {
+    if let Err(e) = TelemetryConfig::from_env().and_then(|c| {
+        telemetry::init(&c)
+            .map(std::mem::forget)
+            .map_err(|e| ConfigError {
+                var: "RUST_LOG",
+                reason: e.to_string(),
+            })
+    }) {
+        return config_failure(&e);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(ocsync::openclinica::sim::cli::run(args, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ocsync oc-sim: {e:#}");
             ExitCode::FAILURE
         }
     }

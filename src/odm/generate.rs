@@ -16,7 +16,15 @@
 //! index), so a subject reads the same whether the whole study is written
 //! or only a [`GeneratorConfig::subject_range`]: the simulator can serve a
 //! per-subject call that agrees with the full extract.
+//!
+//! [`GeneratorConfig::edits`] marks subjects as changed since the first
+//! snapshot (the simulator's "edit K subjects"): such a subject keeps its
+//! structure but some of its values change, its audit-log IDs and
+//! timestamps move beyond those of every unedited subject, and its 4.x
+//! `UpdatedDate` follows. Unedited subjects are written byte for byte as
+//! before.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::ops::Range;
 
@@ -66,6 +74,14 @@ pub struct GeneratorConfig {
     /// Write only these subjects (by index), e.g. one subject for a
     /// per-subject REST call. `None`: all.
     pub subject_range: Option<Range<u32>>,
+    /// Subjects changed since the first snapshot: subject index → edit
+    /// number (1, 2, … in the order the edits happened, across the study).
+    /// An edited subject draws some new values from a stream of its own
+    /// (seed, index, edit number), and its audit IDs and timestamps start
+    /// from a base that grows with the edit number and lies beyond those of
+    /// every unedited subject (for studies under 10 million subjects for
+    /// IDs, 80,000 for timestamps); see [`last_modified`].
+    pub edits: BTreeMap<u32, u32>,
 }
 
 impl Default for GeneratorConfig {
@@ -87,6 +103,7 @@ impl Default for GeneratorConfig {
             ext_prefix: "OpenClinica".to_owned(),
             crlf: false,
             subject_range: None,
+            edits: BTreeMap::new(),
         }
     }
 }
@@ -103,9 +120,86 @@ pub fn site_oid(config: &GeneratorConfig, index: u32) -> String {
     format!("{}_SITE{}", config.study_oid, index + 1)
 }
 
+/// The subjects (by index) of site `index`: the study's subjects spread
+/// over its sites in order. Empty when the study has no sites.
+pub fn site_range(config: &GeneratorConfig, index: u32) -> Range<u32> {
+    if config.sites == 0 || index >= config.sites {
+        return 0..0;
+    }
+    let (n, sites) = (u64::from(config.subjects), u64::from(config.sites));
+    let at = |s: u64| (n * s / sites) as u32;
+    at(u64::from(index))..at(u64::from(index) + 1)
+}
+
 /// The `SubjectKey` of subject `index`.
 pub fn subject_key(index: u32) -> String {
     format!("SS_GEN{:06}", index + 1)
+}
+
+/// The `OpenClinica:StudySubjectID` (label) of subject `index`.
+pub fn subject_label(index: u32) -> String {
+    format!("GEN-{:05}", index + 1)
+}
+
+/// The `OpenClinica:Status` of subject `index` (`available`, `signed` or
+/// `removed`), as the document writes it.
+pub fn subject_status(config: &GeneratorConfig, index: u32) -> &'static str {
+    status_of(&mut subject_rng(config, index))
+}
+
+/// When subject `index` last changed, `yyyy-MM-dd HH:mm:ss` without a time
+/// zone (as OC 4.x writes dates): its creation for an unedited subject, its
+/// latest edit otherwise. Edited subjects' 4.x `UpdatedDate` carries it.
+pub fn last_modified(config: &GeneratorConfig, index: u32) -> String {
+    render_time(time_base(config, index), ' ')
+}
+
+/// Audit IDs of unedited subjects are below this (subject index × 100,000);
+/// edit `n` numbers its entries from `EDITED_AUDIT_BASE + n × 100,000`.
+const EDITED_AUDIT_BASE: u64 = 1_000_000_000_000;
+/// Timestamps of edits start in the generator's year 2030, after those of
+/// every unedited subject of a study under 80,000 subjects.
+const EDITED_TIME_BASE: u64 = 10 * 336 * 86_400;
+
+fn audit_base(config: &GeneratorConfig, index: u32) -> u64 {
+    match config.edits.get(&index) {
+        Some(&n) => EDITED_AUDIT_BASE + u64::from(n) * 100_000,
+        None => u64::from(index) * 100_000,
+    }
+}
+
+fn time_base(config: &GeneratorConfig, index: u32) -> u64 {
+    match config.edits.get(&index) {
+        Some(&n) => EDITED_TIME_BASE + u64::from(n) * 3_600,
+        None => u64::from(index) * 3_600,
+    }
+}
+
+fn subject_rng(config: &GeneratorConfig, index: u32) -> SmallRng {
+    SmallRng::seed_from_u64(
+        config.seed ^ (u64::from(index) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
+}
+
+fn status_of(rng: &mut SmallRng) -> &'static str {
+    match rng.random_range(0..20) {
+        0 => "removed",
+        1 => "signed",
+        _ => "available",
+    }
+}
+
+/// Seconds since the generator's epoch as a date and time; `sep` between
+/// them (`T` in audit logs, a space in 4.x dates).
+fn render_time(t: u64, sep: char) -> String {
+    let (days, rem) = (t / 86_400, t % 86_400);
+    let (y, m, d) = (2020 + days / 336, 1 + (days / 28) % 12, 1 + days % 28);
+    format!(
+        "{y:04}-{m:02}-{d:02}{sep}{:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
 }
 
 /// How many subjects make a document of about `target_bytes` with this
@@ -143,6 +237,7 @@ pub fn generate<W: Write>(config: &GeneratorConfig, out: W) -> io::Result<Genera
         x: config.ext_prefix.clone(),
         audit_id: 0,
         audit_time: 0,
+        edit: None,
     };
     g.document()?;
     g.out.inner.flush()?;
@@ -414,6 +509,10 @@ struct Gen<'c, W: Write> {
     x: String,
     audit_id: u64,
     audit_time: u64,
+    /// The current subject's edit stream and last-modified date, when it
+    /// is edited. Kept apart from the subject's own stream so that the
+    /// structure (events, repeats, nulls) stays as it was.
+    edit: Option<(SmallRng, String)>,
 }
 
 impl<W: Write> Gen<'_, W> {
@@ -451,13 +550,8 @@ impl<W: Write> Gen<'_, W> {
         let blocks: Vec<(String, Range<u32>)> = if self.config.sites == 0 {
             vec![(self.config.study_oid.clone(), 0..n)]
         } else {
-            let sites = self.config.sites;
-            (0..sites)
-                .map(|s| {
-                    let lo = (u64::from(n) * u64::from(s) / u64::from(sites)) as u32;
-                    let hi = (u64::from(n) * u64::from(s + 1) / u64::from(sites)) as u32;
-                    (site_oid(self.config, s), lo..hi)
-                })
+            (0..self.config.sites)
+                .map(|s| (site_oid(self.config, s), site_range(self.config, s)))
                 .collect()
         };
         for (oid, range) in blocks {
@@ -601,15 +695,7 @@ impl<W: Write> Gen<'_, W> {
     fn timestamp(&mut self) -> String {
         // Monotonic: a few seconds to a few hours after the previous one.
         self.audit_time += 17;
-        let t = self.audit_time;
-        let (days, rem) = (t / 86_400, t % 86_400);
-        let (y, m, d) = (2020 + days / 336, 1 + (days / 28) % 12, 1 + days % 28);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-            rem / 3600,
-            (rem / 60) % 60,
-            rem % 60
-        )
+        render_time(self.audit_time, 'T')
     }
 
     fn audit(
@@ -650,21 +736,23 @@ impl<W: Write> Gen<'_, W> {
 
     fn subject(&mut self, index: u32) -> io::Result<()> {
         let (p, x, nl) = (self.p.clone(), self.x.clone(), self.nl);
-        let mut rng = SmallRng::seed_from_u64(
-            self.config.seed ^ (u64::from(index) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let mut rng = subject_rng(self.config, index);
         // Audit IDs and times continue from the subject's own base so that a
         // subject written alone carries the same IDs as in the full file.
-        self.audit_id = u64::from(index) * 100_000;
-        self.audit_time = u64::from(index) * 3_600;
+        self.audit_id = audit_base(self.config, index);
+        self.audit_time = time_base(self.config, index);
+        self.edit = self.config.edits.get(&index).map(|&n| {
+            let stream = SmallRng::seed_from_u64(
+                self.config.seed
+                    ^ (u64::from(index) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ u64::from(n).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+            (stream, last_modified(self.config, index))
+        });
         self.stats.subjects += 1;
         let key = subject_key(index);
-        let label = format!("GEN-{:05}", index + 1);
-        let status = match rng.random_range(0..20) {
-            0 => "removed",
-            1 => "signed",
-            _ => "available",
-        };
+        let label = subject_label(index);
+        let status = status_of(&mut rng);
         let sex = ["m", "f", "null"][rng.random_range(0..3)];
         write!(
             self.out,
@@ -778,11 +866,17 @@ impl<W: Write> Gen<'_, W> {
             rng.random_range(1..29)
         )?;
         if self.config.oc4_dates {
+            let created = rng.random_range(1..29);
+            let updated = format!("2022-04-{:02} 11:22:33", rng.random_range(1..29));
+            // An edit touches the subject's forms: their UpdatedDate moves
+            // to the edit's time.
+            let updated = match &self.edit {
+                Some((_, date)) => date.clone(),
+                None => updated,
+            };
             write!(
                 self.out,
-                " {x}:CreatedDate=\"2022-03-{:02} 10:00:00\" {x}:UpdatedDate=\"2022-04-{:02} 11:22:33\"",
-                rng.random_range(1..29),
-                rng.random_range(1..29)
+                " {x}:CreatedDate=\"2022-03-{created:02} 10:00:00\" {x}:UpdatedDate=\"{updated}\""
             )?;
         }
         write!(self.out, ">{nl}")?;
@@ -903,7 +997,14 @@ impl<W: Write> Gen<'_, W> {
         let (p, x, nl) = (self.p.clone(), self.x.clone(), self.nl);
         self.stats.items += 1;
         let null = rng.random_bool(self.config.null_rate.clamp(0.0, 1.0));
-        let value = Self::value(rng, spec);
+        let mut value = Self::value(rng, spec);
+        // An edited subject has about a quarter of its values changed; the
+        // subject's own stream is not touched, so nothing else moves.
+        if let Some((stream, _)) = &mut self.edit
+            && stream.random_bool(0.25)
+        {
+            value = Self::value(stream, spec);
+        }
         let indent = "            ";
         if null {
             self.stats.null_items += 1;

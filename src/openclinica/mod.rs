@@ -30,6 +30,7 @@
 //! | `http.rs`, `retry.rs` | client, concurrency limit, retries |
 //! | `body.rs` | [`Body`] and the streaming of response bodies |
 //! | `error.rs` | [`OcError`] |
+//! | `sim/` | [`sim`]: an OC 3.x/4.x simulator for tests, the demo and benchmarks |
 
 mod body;
 mod config;
@@ -39,6 +40,7 @@ mod http;
 mod oc3;
 mod oc4;
 mod retry;
+pub mod sim;
 mod source;
 
 pub use body::Body;

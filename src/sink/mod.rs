@@ -15,6 +15,10 @@ use sqlx::PgConnection;
 
 use crate::mapping::{RecordError, SubjectRecords};
 
+pub mod postgres;
+
+pub use postgres::PostgresSink;
+
 /// Created / updated / unchanged / failed counts for one entity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityCounts {
@@ -90,20 +94,25 @@ impl SinkError {
     /// Whether trying the same batch again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Database(e) => {
-                matches!(
-                    e,
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::WorkerCrashed
-                        | sqlx::Error::Protocol(_)
-                ) || e
-                    .as_database_error()
-                    .and_then(|d| d.code())
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("40") || c == "57P01")
-            }
+            Self::Database(e) => is_transient_sqlx(e),
             Self::Remote(_) => true,
         }
     }
+}
+
+/// Whether a database error may pass by itself: the connection or the pool
+/// failed, or Postgres reported a connection exception (08…), a
+/// serialization failure or deadlock (40…), or an administrator shutdown.
+pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+    ) || e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("08") || c.starts_with("40") || c == "57P01")
 }

@@ -57,6 +57,13 @@ impl TestDb {
         Self { pool, config, name }
     }
 
+    /// A new database with every migration applied.
+    pub async fn migrated() -> Self {
+        let t = Self::empty().await;
+        db::migrate(&t.pool).await.expect("migrate");
+        t
+    }
+
     /// The URL a child process should use (`DATABASE_URL`).
     pub fn url(&self) -> String {
         self.config.url().expose_secret().to_owned()

@@ -2,9 +2,13 @@
 //! against the real Postgres and the real `ocsync` binary.
 
 mod cli;
+mod cp;
 mod db;
 mod docs;
 mod harness;
+mod oc_sim;
 mod odm;
 mod openclinica;
+mod sink_postgres;
+mod sync;
 mod telemetry;

@@ -1,0 +1,470 @@
+//! One run, batch by batch.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cp::CpConfig;
+use crate::mapping::{self, MetadataIndex, RecordError, Stage, SubjectRecords};
+use crate::odm::{OdmError, Subject};
+use crate::openclinica::{OcError, SourceRegistry};
+use crate::sink::{Counts, Sink, SinkError};
+
+use super::feed::{Feed, Item, SourceKind, read_metadata};
+use super::mode::Mode;
+use super::state::{self, RecordCounts, Watermark, Written};
+
+/// Where a run is: how far, what it wrote, where to resume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Subjects taken from the feed so far (written, unchanged or failed).
+    pub subjects_done: u64,
+    /// Subjects expected in all, when the source lists them up front.
+    pub subjects_total: Option<u64>,
+    pub counts: Counts,
+    /// Error rows recorded so far.
+    pub errors: u64,
+    pub cursor: Cursor,
+}
+
+/// Where a resumed attempt starts: subjects are fed in a stable order (the
+/// document's, or the list's), so skipping the first `subjects_done` of
+/// them resumes exactly after the last committed batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub subjects_done: u64,
+    pub last_subject_key: Option<String>,
+}
+
+/// What the runner says at a batch boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Stop after this batch (abort, or shutdown): the batch commits, the
+    /// run ends here.
+    Stop,
+}
+
+/// What a run needs from whoever runs it (the job queue, or a test).
+pub trait RunContext: Send {
+    /// The run's id: error rows and fingerprints carry it.
+    fn run_id(&self) -> &str;
+
+    /// The last checkpoint of an earlier attempt of this run, if any.
+    fn resume(&self) -> Option<Progress>;
+
+    /// Called at each batch boundary inside the batch's transaction, so
+    /// progress and data commit together. Says whether to go on.
+    fn checkpoint(
+        &mut self,
+        tx: &mut PgConnection,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<Control, sqlx::Error>> + Send;
+
+    /// Cancelled when the run must stop at once (abort): in-flight
+    /// OpenClinica requests are dropped and the batch being gathered is
+    /// discarded; what was committed stays.
+    fn cancellation(&self) -> CancellationToken;
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunResult {
+    Success,
+    /// The run went through but left error rows.
+    Failed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub result: RunResult,
+    pub progress: Progress,
+}
+
+/// A run that could not go on. Per-record problems are error rows, not
+/// this.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Source(#[from] OcError),
+    #[error("the study's ODM is not valid: {0}")]
+    Parse(#[from] OdmError),
+    /// A document broke off in transit (and a fresh fetch did not help).
+    #[error("reading from OpenClinica was interrupted: {0}")]
+    Interrupted(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("writing the batch: {0}")]
+    Sink(#[from] SinkError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl SyncError {
+    /// Whether running again later (from the checkpoint) may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Source(e) => e.is_transient(),
+            Self::Interrupted(_) => true,
+            Self::Database(e) => crate::sink::is_transient_sqlx(e),
+            Self::Sink(e) => e.is_transient(),
+            Self::Parse(_) | Self::Config(_) => false,
+        }
+    }
+}
+
+/// Runs one sync of `cp` in `mode`, writing through `sink`.
+///
+/// Returns how the run ended, or an error when it could not go on (the
+/// runner retries transient ones from the last checkpoint).
+pub async fn run<S: Sink, C: RunContext>(
+    pool: &PgPool,
+    sources: &SourceRegistry,
+    cp: &CpConfig,
+    mode: &Mode,
+    sink: &S,
+    ctx: &mut C,
+) -> Result<RunOutcome, SyncError> {
+    let cp_id = cp.id.as_str().to_owned();
+    let span = tracing::info_span!("sync.run", cp.id = %cp_id, run.id = %ctx.run_id(), mode = %mode);
+    async move {
+        let cancel = ctx.cancellation();
+        let mut progress = ctx.resume().unwrap_or_default();
+        let source = sources.source(&cp.source)?;
+        let kind = SourceKind::of(&cp.source);
+
+        let study = tokio::select! {
+            () = cancel.cancelled() => return Ok(aborted(progress)),
+            r = read_metadata(&source).instrument(tracing::info_span!("oc.metadata")) => r?,
+        };
+        let index = MetadataIndex::new(&study);
+        let watermark = state::load_watermark(pool, &cp_id).await?;
+        let mut feed = tokio::select! {
+            () = cancel.cancelled() => return Ok(aborted(progress)),
+            r = Feed::open(&source, kind, mode, &watermark, progress.cursor.subjects_done) => r?,
+        };
+        if progress.subjects_total.is_none() {
+            progress.subjects_total = feed.total;
+        }
+        let mut seen = SeenMarks::default();
+        let batch_size = cp.batch_size.max(1) as usize;
+
+        loop {
+            let mut batch = Vec::with_capacity(batch_size);
+            let mut ended = false;
+            while batch.len() < batch_size {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return Ok(aborted(progress)),
+                    r = feed.next() => r,
+                };
+                match next {
+                    Ok(Some(item)) => batch.push(item),
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => {
+                        // Keep the batch gathered so far: commit it, then
+                        // report the failure (its error row says where).
+                        if !batch.is_empty() {
+                            write_batch(pool, cp, mode, &index, sink, ctx, &mut progress, &mut seen, batch)
+                                .await?;
+                        }
+                        if !e.is_transient() {
+                            record_run_error(pool, ctx, &cp_id, &e, &mut progress).await?;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let control =
+                    write_batch(pool, cp, mode, &index, sink, ctx, &mut progress, &mut seen, batch).await?;
+                if control == Control::Stop {
+                    return Ok(aborted(progress));
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+
+        let result = if progress.errors == 0 {
+            RunResult::Success
+        } else {
+            RunResult::Failed
+        };
+        let mut tx = pool.begin().await?;
+        if result == RunResult::Success && !matches!(mode, Mode::Subjects { .. }) {
+            let mark = Watermark {
+                audit_max_id: seen.audit_max_id,
+                last_modified: feed.listed_last_modified.take().or(seen.last_modified),
+            };
+            state::advance_watermark(&mut tx, &cp_id, ctx.run_id(), &mark).await?;
+        }
+        ctx.checkpoint(&mut tx, &progress).await?;
+        tx.commit().await?;
+        tracing::info!(
+            subjects = progress.subjects_done,
+            errors = progress.errors,
+            result = ?result,
+            "run finished"
+        );
+        Ok(RunOutcome { result, progress })
+    }
+    .instrument(span)
+    .await
+}
+
+fn aborted(progress: Progress) -> RunOutcome {
+    tracing::info!(subjects = progress.subjects_done, "run aborted");
+    RunOutcome {
+        result: RunResult::Aborted,
+        progress,
+    }
+}
+
+/// The greatest high-water marks seen in this run's subjects.
+#[derive(Default)]
+struct SeenMarks {
+    audit_max_id: Option<i64>,
+    last_modified: Option<String>,
+}
+
+/// What one subject of a batch comes to.
+enum Prepared {
+    /// Unchanged since its last write (incremental): counted, not written.
+    Unchanged(RecordCounts),
+    Write {
+        records: Box<SubjectRecords>,
+        hash: String,
+        audit_max_id: Option<i64>,
+        last_modified: Option<String>,
+        /// Mapping errors: the records are written, but the subject's
+        /// fingerprint is not kept, so it is tried again next time.
+        errors: Vec<RecordError>,
+    },
+    Failed(Vec<RecordError>),
+}
+
+/// Maps, writes and checkpoints one batch in one transaction.
+#[allow(clippy::too_many_arguments)] // the run's parts, passed down once
+async fn write_batch<S: Sink, C: RunContext>(
+    pool: &PgPool,
+    cp: &CpConfig,
+    mode: &Mode,
+    index: &MetadataIndex,
+    sink: &S,
+    ctx: &mut C,
+    progress: &mut Progress,
+    seen: &mut SeenMarks,
+    batch: Vec<Item>,
+) -> Result<Control, SyncError> {
+    let cp_id = cp.id.as_str();
+    let incremental = matches!(mode, Mode::Incremental);
+    let keys: Vec<String> = batch
+        .iter()
+        .filter_map(|i| match i {
+            Item::Subject { subject, .. } => Some(subject.subject_key.clone()),
+            Item::Failed(_) => None,
+        })
+        .collect();
+    let known = if incremental {
+        state::load_subject_states(pool, cp_id, &keys).await?
+    } else {
+        Default::default()
+    };
+
+    let n = batch.len() as u64;
+    let mut last_key = None;
+    let prepared: Vec<(String, Option<String>, Prepared)> = batch
+        .into_iter()
+        .map(|item| match item {
+            Item::Failed(e) => (e.subject_key.clone().unwrap_or_default(), None, Prepared::Failed(vec![*e])),
+            Item::Subject {
+                subject,
+                last_modified,
+            } => {
+                let audit = subject.audit.max_id_number.and_then(|n| i64::try_from(n).ok());
+                seen.audit_max_id = seen.audit_max_id.max(audit);
+                if let Some(m) = &last_modified
+                    && seen.last_modified.as_ref().is_none_or(|s| m > s)
+                {
+                    seen.last_modified = Some(m.clone());
+                }
+                last_key = Some(subject.subject_key.clone());
+                let ppid = subject.study_subject_id.clone();
+                let prior = known.get(&subject.subject_key);
+                let p = prepare(cp, index, &subject, audit, last_modified, prior, incremental);
+                (subject.subject_key.clone(), ppid, p)
+            }
+        })
+        .collect();
+
+    let mut to_write = Vec::new();
+    let mut errors = Vec::new();
+    let mut counts = Counts::default();
+    let mut failed_keys = Vec::new();
+    let mut written = Vec::new();
+    for (key, _ppid, p) in prepared {
+        match p {
+            Prepared::Unchanged(c) => counts.add(&c.unchanged()),
+            Prepared::Failed(e) => {
+                counts.participants.failed += 1;
+                errors.extend(e);
+                if !key.is_empty() {
+                    failed_keys.push(key);
+                }
+            }
+            Prepared::Write {
+                records,
+                hash,
+                audit_max_id,
+                last_modified,
+                errors: map_errors,
+            } => {
+                if map_errors.is_empty() {
+                    written.push(Written {
+                        subject_key: key,
+                        content_hash: hash,
+                        audit_max_id,
+                        last_modified,
+                        counts: RecordCounts::of(&records),
+                    });
+                } else {
+                    errors.extend(map_errors);
+                    failed_keys.push(key);
+                }
+                to_write.push(*records);
+            }
+        }
+    }
+
+    let mut tx = pool.begin().await?;
+    let outcome = sink
+        .write_batch(&mut tx, cp_id, &to_write)
+        .instrument(tracing::info_span!("sink.write", subjects = to_write.len()))
+        .await?;
+    counts.add(&outcome.counts);
+    if !outcome.errors.is_empty() {
+        let bad: std::collections::HashSet<&str> = outcome
+            .errors
+            .iter()
+            .filter_map(|e| e.subject_key.as_deref())
+            .collect();
+        written.retain(|w| {
+            let ok = !bad.contains(w.subject_key.as_str());
+            if !ok {
+                failed_keys.push(w.subject_key.clone());
+            }
+            ok
+        });
+        errors.extend(outcome.errors);
+    }
+    state::save_subject_states(&mut tx, cp_id, ctx.run_id(), &written).await?;
+    state::forget_subject_states(&mut tx, cp_id, &failed_keys).await?;
+    state::insert_errors(&mut tx, ctx.run_id(), cp_id, &errors).await?;
+
+    progress.subjects_done += n;
+    progress.counts.add(&counts);
+    progress.errors += errors.len() as u64;
+    progress.cursor = Cursor {
+        subjects_done: progress.cursor.subjects_done + n,
+        last_subject_key: last_key.or(progress.cursor.last_subject_key.take()),
+    };
+    let control = ctx.checkpoint(&mut tx, progress).await?;
+    tx.commit().await?;
+    tracing::debug!(
+        subjects.done = progress.subjects_done,
+        errors = progress.errors,
+        "batch committed"
+    );
+    Ok(control)
+}
+
+/// Decides what one subject comes to: skipped as unchanged, written, or
+/// failed.
+fn prepare(
+    cp: &CpConfig,
+    index: &MetadataIndex,
+    subject: &Subject,
+    audit: Option<i64>,
+    last_modified: Option<String>,
+    prior: Option<&state::SubjectState>,
+    incremental: bool,
+) -> Prepared {
+    // The document's audit trail says nothing happened since the last
+    // write: skip without even mapping.
+    if incremental
+        && let Some(p) = prior
+        && audit.is_some()
+        && p.audit_max_id == audit
+    {
+        return Prepared::Unchanged(p.counts);
+    }
+    let mapped = mapping::map_subject(cp, index, subject);
+    let Some(records) = mapped.records else {
+        let mut errors = mapped.errors;
+        if errors.is_empty() {
+            errors.push(RecordError::subject(
+                &subject.subject_key,
+                subject.study_subject_id.as_deref(),
+                Stage::Map,
+                "the subject could not be mapped",
+            ));
+        }
+        return Prepared::Failed(errors);
+    };
+    let hash = mapping::content_hash(&records);
+    if incremental
+        && mapped.errors.is_empty()
+        && let Some(p) = prior
+        && p.content_hash == hash
+    {
+        return Prepared::Unchanged(p.counts);
+    }
+    Prepared::Write {
+        records: Box::new(records),
+        hash,
+        audit_max_id: audit,
+        last_modified,
+        errors: mapped.errors,
+    }
+}
+
+/// A run-stopping failure also belongs in the error report, so the data
+/// manager sees it next to the record errors.
+async fn record_run_error<C: RunContext>(
+    pool: &PgPool,
+    ctx: &mut C,
+    cp_id: &str,
+    e: &SyncError,
+    progress: &mut Progress,
+) -> Result<(), SyncError> {
+    let row = RecordError {
+        subject_key: None,
+        ppid: None,
+        event_oid: None,
+        repeat: None,
+        form_oid: None,
+        item_group_oid: None,
+        item_oid: None,
+        stage: match e {
+            SyncError::Parse(_) => Stage::Parse,
+            SyncError::Source(_) | SyncError::Interrupted(_) => Stage::Fetch,
+            _ => Stage::Write,
+        },
+        message: e.to_string(),
+    };
+    let mut tx = pool.begin().await?;
+    state::insert_errors(&mut tx, ctx.run_id(), cp_id, std::slice::from_ref(&row)).await?;
+    progress.errors += 1;
+    ctx.checkpoint(&mut tx, progress).await?;
+    tx.commit().await?;
+    Ok(())
+}
