@@ -12,7 +12,7 @@ CARGO ?= cargo
 ENSURE_PG := deploy/local/ensure-postgres.sh
 # The server the tests create their own databases on, and the demo's database.
 PG_SERVER = $(shell $(ENSURE_PG) | tail -n 1 | sed -E 's#/[^/@]*$$##; s#(://[^/]*)$$#\1#')
-DEMO_DIR := target/demo
+BENCHES := odm oc_fetch sink_postgres sync queue
 
 .PHONY: help run test bench lint fmt pg
 
@@ -22,27 +22,19 @@ help: ## List the targets.
 pg: ## Make sure a PostgreSQL server is up (installs one if the machine has none).
 	@$(ENSURE_PG)
 
-run: ## The demo: Postgres up, schema migrated, a generated study read end to end.
-	@server="$(PG_SERVER)"; \
-	export DATABASE_URL="$${DATABASE_URL:-$$server/ocsync}"; \
-	$(CARGO) build --release --locked --bin ocsync; \
-	bin=target/release/ocsync; mkdir -p $(DEMO_DIR); \
-	$$bin migrate --create-database; \
-	$$bin odm generate --subjects 200 --sites 2 --seed 42 > $(DEMO_DIR)/study.xml; \
-	echo "== generated $(DEMO_DIR)/study.xml ($$(du -h $(DEMO_DIR)/study.xml | cut -f1))"; \
-	echo "== ocsync odm stats $(DEMO_DIR)/study.xml"; $$bin odm stats $(DEMO_DIR)/study.xml; \
-	echo "== first values (ocsync odm dump $(DEMO_DIR)/study.xml | head -3)"; \
-	$$bin odm dump $(DEMO_DIR)/study.xml | head -n 3; \
-	echo "== database ready at $$(echo "$$DATABASE_URL" | sed -E 's#://[^@]*@#://#')"
+run: ## The demo: Postgres, OpenClinica simulator, a demo CP, API + worker, a full sync with progress.
+	$(CARGO) build --release --locked --bin ocsync
+	deploy/local/demo.sh
 
 test: ## Run every test (starts Postgres first; each test makes its own database).
 	@server="$(PG_SERVER)"; \
 	export OCSYNC_TEST_DATABASE_URL="$${OCSYNC_TEST_DATABASE_URL:-$$server/postgres}"; \
 	$(CARGO) test --locked --all-targets
 
-bench: ## Benchmarks: ODM reader against a bare XML loop (and peak memory); Postgres sink against a bare COPY.
-	$(CARGO) bench --locked --bench odm
-	$(CARGO) bench --locked --bench sink_postgres
+bench: ## Benchmarks, each against a baseline measured in the same run (see the README).
+	@server="$(PG_SERVER)"; \
+	export OCSYNC_TEST_DATABASE_URL="$${OCSYNC_TEST_DATABASE_URL:-$$server/postgres}"; \
+	for b in $(BENCHES); do $(CARGO) bench --locked --bench $$b; done
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check

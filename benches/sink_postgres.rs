@@ -109,6 +109,7 @@ async fn run(subjects: u32, batch: usize) {
         db::migrate(&pool).await.unwrap();
         pool.close().await;
         let mut conn = db::connect_one(&config).await.unwrap();
+        sqlx::raw_sql("LOAD 'auto_explain'; SET auto_explain.log_min_duration = '8ms'; SET auto_explain.log_analyze = on; SET auto_explain.log_buffers = on; SET auto_explain.log_nested_statements = on").execute(&mut conn).await.unwrap(); // DEBUG-EXPLAIN
         measure(&mut conn, &records, rows, batch).await;
         conn.close().await.unwrap();
     };

@@ -29,7 +29,7 @@ CREATE TABLE ocsync_data.participants (
     updated_at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (cp_id, subject_key)
 );
-CREATE INDEX participants_ppid ON ocsync_data.participants (cp_id, ppid);
+CREATE INDEX participants_ppid ON ocsync_data.participants (ppid);
 
 COMMENT ON TABLE ocsync_data.participants IS
     'One row per OpenClinica subject of a CP (an OpenSpecimen registration with its participant). Key: (cp_id, subject_key).';
@@ -99,7 +99,7 @@ CREATE TABLE ocsync_data.specimens (
     updated_at            timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key)
 );
-CREATE INDEX specimens_label ON ocsync_data.specimens (cp_id, label);
+CREATE INDEX specimens_label ON ocsync_data.specimens (label);
 
 COMMENT ON TABLE ocsync_data.specimens IS
     'One row per item group repeat that the CP maps as a specimen. Key: (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key).';
@@ -137,7 +137,6 @@ CREATE TABLE ocsync_data.form_records (
     updated_at            timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key)
 );
-CREATE INDEX form_records_crf ON ocsync_data.form_records (cp_id, crf_oid, item_group_oid);
 
 COMMENT ON TABLE ocsync_data.form_records IS
     'One row per item group repeat of a CRF (an OpenSpecimen form record), values raw and keyed by item OID. Key: (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key).';

@@ -1,6 +1,7 @@
 //! The HTTP API (axum).
 //!
-//! For now it answers the two probes an orchestrator needs:
+//! It answers the two probes an orchestrator needs, and mounts the runs
+//! API of [`crate::queue::api`] (enqueue, Import Logs, abort, error report):
 //! - `GET /healthz`: the process is alive and serving; touches nothing else.
 //! - `GET /readyz`: the database answers and its schema is the one this
 //!   build expects; 503 with the reason otherwise, so a pod that started
@@ -29,11 +30,19 @@ pub struct AppState {
     pub pool: PgPool,
 }
 
+/// The router with the queue's defaults (tests and the bare API).
 pub fn router(state: AppState) -> Router {
+    router_with(state, &crate::config::QueueConfig::defaults())
+}
+
+/// The router; enqueued runs get `queue.max_attempts`.
+pub fn router_with(state: AppState, queue: &crate::config::QueueConfig) -> Router {
+    let runs = crate::queue::api::routes(state.pool.clone(), queue.max_attempts);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        .merge(runs)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the
@@ -41,11 +50,12 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    queue: &crate::config::QueueConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "API listening");
-    axum::serve(listener, router(state))
+    axum::serve(listener, router_with(state, queue))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -12,7 +12,7 @@
 //! | `DATABASE_MAX_CONNECTIONS` | `10` | Pool size per process (1–1000). |
 //! | `DATABASE_CONNECT_TIMEOUT_SECS` | `5` | How long to wait for a connection before failing (1–600). |
 //! | `API_LISTEN` | `0.0.0.0:8080` | Address the HTTP API binds (`host:port`). |
-//! | `RUST_LOG` | `info` | Log filter, in `tracing-subscriber`'s `EnvFilter` syntax. |
+//! | `RUST_LOG` | `info,sqlx=warn` | Log filter, in `tracing-subscriber`'s `EnvFilter` syntax. |
 //! | `LOG_FORMAT` | `text` | `text` (human, coloured on a terminal) or `json` (one object per line). |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`); traces are exported only when set. |
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | unset | Full traces URL; overrides the one derived from the endpoint above. |
@@ -105,6 +105,11 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
+    /// Every default, without reading the environment.
+    pub fn defaults() -> Self {
+        Self::from_lookup(&Env::Fixed(Default::default())).expect("the defaults are valid")
+    }
+
     pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
         let cron = env
             .get("SCHEDULE_CRON")
@@ -124,9 +129,7 @@ impl QueueConfig {
             retry_base: Duration::from_secs(env.ranged("RUN_RETRY_BASE_SECS", 30, 0..=3600)?),
             run_timeout: Duration::from_secs(env.ranged("RUN_TIMEOUT_SECS", 21600, 1..=604_800)?),
             schedule_cron,
-            retention: Duration::from_secs(
-                env.ranged("RETENTION_DAYS", 30, 1..=3650)? * 86_400,
-            ),
+            retention: Duration::from_secs(env.ranged("RETENTION_DAYS", 30, 1..=3650)? * 86_400),
         })
     }
 }
@@ -336,7 +339,9 @@ impl TelemetryConfig {
     }
 
     pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
-        let log_filter = env.get("RUST_LOG").unwrap_or_else(|| "info".to_owned());
+        let log_filter = env
+            .get("RUST_LOG")
+            .unwrap_or_else(|| "info,sqlx=warn".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|e| ConfigError::new("RUST_LOG", format!("invalid filter: {e}")))?;
         let disabled = env.bool_or("OTEL_SDK_DISABLED", false)?;

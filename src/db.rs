@@ -122,6 +122,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
             .await
             .map_err(|e| DbError::QueueMigration(apalis_postgres::Error::Database(e.into())))?;
         MIGRATOR.run(&mut *conn).await?;
+        // apalis's setup may rewrite apalis.jobs and drop the queue's
+        // one-active-run-per-CP index with it: re-assert it after every
+        // migrate (the function is idempotent; see src/queue).
+        sqlx::query("SELECT ocsync.ensure_queue_guards()")
+            .execute(&mut *conn)
+            .await?;
         Ok::<_, DbError>(())
     }
     .await;

@@ -8,6 +8,8 @@ pub mod db;
 pub mod mapping;
 pub mod odm;
 pub mod openclinica;
+pub mod queue;
+pub mod schedule;
 pub mod sink;
 pub mod sync;
 pub mod telemetry;

@@ -52,6 +52,29 @@ enum Command {
     /// validate, list.
     #[command(subcommand)]
     Cp(ocsync::cp::cli::CpCommand),
+    /// Run sync runs from the job queue until SIGTERM (then finish the
+    /// current batch of each run, checkpoint, give it back, and exit).
+    ///
+    /// Any number of workers on any number of machines share the queue;
+    /// WORKER_CONCURRENCY runs at once per process. Also fires the Study
+    /// Data Importer schedule (SCHEDULE_CRON; one replica wins each tick)
+    /// and prunes runs older than RETENTION_DAYS.
+    Worker(ocsync::queue::cli::WorkerArgs),
+    /// The API, a worker, the schedule and retention in one process.
+    Serve,
+    /// Enqueue a sync run of a CP and print its id. With --wait, show its
+    /// progress until it ends; exit status 0 Success, 1 Failed (or refused:
+    /// the CP already has an active run), 3 Aborted.
+    Sync(ocsync::queue::cli::SyncArgs),
+    /// The Import Logs: list runs, show one, or print its error report (CSV).
+    #[command(subcommand)]
+    Runs(ocsync::queue::cli::RunsCommand),
+    /// Abort a run: a queued one ends at once, a running one at its next
+    /// batch boundary (keeping what it committed).
+    Abort {
+        /// The run's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,9 +162,43 @@ fn main() -> ExitCode {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot bind API_LISTEN={}: {e}", config.api.listen)
                 })?;
-            api::serve(listener, api::AppState { pool }, shutdown_signal()).await?;
+            api::serve(
+                listener,
+                api::AppState { pool },
+                &config.queue,
+                shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }),
+        Command::Worker(args) => {
+            with_exit_code(|config| ocsync::queue::cli::worker(config, args, shutdown_signal()))
+        }
+        Command::Serve => {
+            with_exit_code(|config| ocsync::queue::cli::serve(config, shutdown_signal()))
+        }
+        Command::Sync(args) => with_exit_code(|config| ocsync::queue::cli::sync(config, args)),
+        Command::Runs(cmd) => with_exit_code(|config| ocsync::queue::cli::runs_cmd(config, cmd)),
+        Command::Abort { id } => with_exit_code(|config| ocsync::queue::cli::abort(config, id)),
+    }
+}
+
+/// [`with_runtime`] for commands whose success has several exit statuses
+/// (`sync --wait`: 0 Success, 1 Failed, 3 Aborted).
+fn with_exit_code<F, Fut>(body: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<u8>>,
+{
+    let code = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let set = code.clone();
+    let exit = with_runtime(|config| async move {
+        set.store(body(config).await?, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    });
+    match code.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => exit,
+        n => ExitCode::from(n),
     }
 }
 

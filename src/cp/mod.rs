@@ -7,8 +7,9 @@
 //! every OID a configuration names against the study's metadata
 //! ([`validate()`]); the `ocsync cp` commands ([`cli`]).
 //!
-//! What it does not know: how data is fetched or mapped (it only describes
-//! it), OpenSpecimen's API, the job queue beyond one SQL function,
+//! What it does not know: how data is fetched, mapped or written (it only
+//! describes it: the source and target sections are the `openclinica` and
+//! OpenSpecimen sink's own configuration types), OpenSpecimen's API, the job queue beyond one SQL function,
 //! `ocsync.cp_active_run(cp)`, which says whether a run is going (editing
 //! is refused while one is).
 
@@ -19,7 +20,7 @@ mod validate;
 
 pub use model::{
     CpConfig, CpId, CrfImport, CrfSelection, CronSchedule, ItemRef, LoadError, Placeholder,
-    PpidSource, SpecimenMapping, VisitNameTemplate,
+    PpidSource, SpecimenMapping, TargetConfig, VisitNameTemplate,
 };
 pub use store::{StoreError, StoredCp};
 pub use validate::{ConfigProblem, Severity, validate, validate_with_sites};

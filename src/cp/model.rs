@@ -38,9 +38,27 @@
 //!
 //! [participant_fields]
 //! race = { item = "I_DEMOG_RACE", event = "SE_SCREENING" }
+//!
+//! [target]                           # optional; absent = kind "postgres"
+//! kind = "openspecimen"
+//! base_url = "https://os.example.org/openspecimen"
+//! login_name = "ocsync"
+//! password = { env = "OS_DEMO_PASSWORD" }
+//!
+//! [target.forms.F_VITALS]            # CRF OID → OpenSpecimen form
+//! form_id = 12
+//! form_ctxt_id = 34
+//! level = "visit"
 //! ```
 //!
-//! This module knows TOML and serde; nothing of Postgres or of the ODM.
+//! `[target]` says where the CP's records are written: `kind = "postgres"`
+//! (the `ocsync_data` tables, the default) or `kind = "openspecimen"` with
+//! the settings of [`OpenSpecimenConfig`] (see its module for every key and
+//! default).
+//!
+//! This module knows TOML and serde; nothing of Postgres or of the ODM. It
+//! borrows the configuration types of the sources and of the OpenSpecimen
+//! sink (plain data), never their behaviour.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -54,6 +72,7 @@ use crate::openclinica::{
     CredentialRef, FileConfig, NetworkConfig, Oc3Config, Oc4Config, QueryFlags, RetryPolicy,
     SourceConfig,
 };
+use crate::sink::openspecimen::{FormTarget, OpenSpecimenConfig};
 
 /// The OpenSpecimen short title of a CP: non-empty, at most 255 characters
 /// (OpenSpecimen's column width), no control characters.
@@ -151,6 +170,69 @@ pub struct CpConfig {
     /// When the scheduler runs this CP; `None`: only on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<CronSchedule>,
+    /// Where the records are written. Left out of the TOML when it is the
+    /// default, so configurations written before targets existed read and
+    /// print as they did.
+    #[serde(default, skip_serializing_if = "TargetConfig::is_postgres")]
+    pub target: TargetConfig,
+}
+
+/// Where a CP's records are written (`[target]`).
+#[derive(Debug, Clone, Default)]
+pub enum TargetConfig {
+    /// The `ocsync_data` tables in ocsync's own database.
+    #[default]
+    Postgres,
+    /// An OpenSpecimen server's REST API (boxed: the settings are large
+    /// next to the empty default).
+    OpenSpecimen(Box<OpenSpecimenConfig>),
+}
+
+impl TargetConfig {
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres)
+    }
+
+    /// `postgres` or `openspecimen`, as written in `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::OpenSpecimen(_) => "openspecimen",
+        }
+    }
+
+    /// The CRF form targets (empty for Postgres, which keeps every CRF).
+    pub fn forms(&self) -> Option<&BTreeMap<String, FormTarget>> {
+        match self {
+            Self::Postgres => None,
+            Self::OpenSpecimen(c) => Some(&c.forms),
+        }
+    }
+}
+
+/// `[target]` as written. `Postgres {}` is a struct variant rather than a
+/// unit one so that `deny_unknown_fields` also refuses stray keys next to
+/// `kind = "postgres"` (an OpenSpecimen key left behind there would
+/// otherwise be dropped without a word).
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum TargetFile {
+    Postgres {},
+    OpenSpecimen(Box<OpenSpecimenConfig>),
+}
+
+impl<'de> Deserialize<'de> for TargetConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match TargetFile::deserialize(d)? {
+            TargetFile::Postgres {} => Ok(Self::Postgres),
+            TargetFile::OpenSpecimen(c) => {
+                // Parse, don't validate: settings that cannot work are
+                // refused while the file is read.
+                c.validate().map_err(de::Error::custom)?;
+                Ok(Self::OpenSpecimen(c))
+            }
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -678,6 +760,79 @@ fn serialize_source<S: Serializer>(source: &SourceConfig, s: S) -> Result<S::Ok,
     map.end()
 }
 
+/// Writes `[target]` in the shape it is read from; as for the source
+/// section, the configuration types are destructured
+/// exhaustively so that a new field fails to compile until it is written
+/// here too.
+impl Serialize for TargetConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        match self {
+            Self::Postgres => map.serialize_entry("kind", "postgres")?,
+            Self::OpenSpecimen(c) => {
+                let OpenSpecimenConfig {
+                    base_url,
+                    login_name,
+                    password,
+                    domain,
+                    connect_timeout_ms,
+                    response_timeout_ms,
+                    max_concurrency,
+                    retry,
+                    forms,
+                } = &**c;
+                map.serialize_entry("kind", "openspecimen")?;
+                map.serialize_entry("base_url", base_url.as_str())?;
+                map.serialize_entry("login_name", login_name)?;
+                map.serialize_entry("password", &Cred(password))?;
+                map.serialize_entry("domain", domain)?;
+                map.serialize_entry("connect_timeout_ms", connect_timeout_ms)?;
+                map.serialize_entry("response_timeout_ms", response_timeout_ms)?;
+                map.serialize_entry("max_concurrency", max_concurrency)?;
+                map.serialize_entry("retry", &Retry(retry))?;
+                let forms: BTreeMap<&str, Form<'_>> =
+                    forms.iter().map(|(k, v)| (k.as_str(), Form(v))).collect();
+                map.serialize_entry("forms", &forms)?;
+            }
+        }
+        map.end()
+    }
+}
+
+struct Form<'a>(&'a FormTarget);
+
+impl Serialize for Form<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let FormTarget {
+            form_id,
+            form_ctxt_id,
+            level,
+        } = self.0;
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("form_id", form_id)?;
+        map.serialize_entry("form_ctxt_id", form_ctxt_id)?;
+        map.serialize_entry("level", level.as_str())?;
+        map.end()
+    }
+}
+
+struct Retry<'a>(&'a RetryPolicy);
+
+impl Serialize for Retry<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let RetryPolicy {
+            max_attempts,
+            base_delay_ms,
+            max_delay_ms,
+        } = self.0;
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("max_attempts", max_attempts)?;
+        map.serialize_entry("base_delay_ms", base_delay_ms)?;
+        map.serialize_entry("max_delay_ms", max_delay_ms)?;
+        map.end()
+    }
+}
+
 struct Cred<'a>(&'a CredentialRef);
 
 impl Serialize for Cred<'_> {
@@ -892,6 +1047,130 @@ ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1"
             assert!(e.starts_with(&format!("cp.toml:{line}:")), "{text}\n→ {e}");
             assert!(e.contains(expected), "{text}\n→ {e}");
             assert!(!e.contains("pw\""), "the password is not echoed: {e}");
+        }
+    }
+
+    const OS_TARGET: &str = r#"
+id = "OS-CP"
+source = { kind = "file", path = "/d" }
+
+[target]
+kind = "openspecimen"
+base_url = "https://os.example.org/openspecimen"
+login_name = "ocsync"
+password = { env = "OS_PASSWORD" }
+max_concurrency = 2
+retry = { max_attempts = 3 }
+
+[target.forms.F_VITALS]
+form_id = 12
+form_ctxt_id = 34
+
+[target.forms.F_DEMOG]
+form_id = 13
+form_ctxt_id = 35
+level = "participant"
+"#;
+
+    #[test]
+    fn an_openspecimen_target_reads_with_defaults_and_round_trips() {
+        use crate::sink::openspecimen::FormLevel;
+        let c = CpConfig::from_toml(OS_TARGET, "os.toml").unwrap();
+        let TargetConfig::OpenSpecimen(os) = &c.target else {
+            panic!("not an OpenSpecimen target: {:?}", c.target);
+        };
+        assert_eq!(c.target.kind(), "openspecimen");
+        assert_eq!(os.base_url.as_str(), "https://os.example.org/openspecimen");
+        assert_eq!(os.password, CredentialRef::Env("OS_PASSWORD".into()));
+        assert_eq!(os.domain, "openspecimen", "the default");
+        assert_eq!(os.max_concurrency, 2);
+        assert_eq!(os.retry.max_attempts, 3);
+        assert_eq!(os.retry.base_delay_ms, 500, "the default");
+        assert_eq!(os.forms["F_VITALS"].level, FormLevel::Visit, "the default");
+        assert_eq!(os.forms["F_DEMOG"].level, FormLevel::Participant);
+
+        let shown = c.to_toml();
+        assert!(shown.contains("[target]"), "{shown}");
+        assert!(shown.contains("[target.forms.F_VITALS]"), "{shown}");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["target"]["kind"], "openspecimen");
+        assert_eq!(
+            json["target"]["password"],
+            serde_json::json!({"env": "OS_PASSWORD"})
+        );
+        let again = CpConfig::from_toml(&shown, "shown.toml").unwrap();
+        assert_eq!(serde_json::to_value(&again).unwrap(), json);
+        let from_json: CpConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&from_json).unwrap(), json);
+    }
+
+    #[test]
+    fn the_target_defaults_to_postgres_and_is_not_printed_then() {
+        let base = "id = \"X\"\nsource = { kind = \"file\", path = \"/d\" }\n";
+        let absent = CpConfig::from_toml(base, "x.toml").unwrap();
+        assert!(absent.target.is_postgres());
+        assert!(!absent.to_toml().contains("target"), "{}", absent.to_toml());
+        assert!(
+            serde_json::to_value(&absent)
+                .unwrap()
+                .get("target")
+                .is_none()
+        );
+        let explicit =
+            CpConfig::from_toml(&format!("{base}[target]\nkind = \"postgres\"\n"), "x.toml")
+                .unwrap();
+        assert!(explicit.target.is_postgres());
+        // The stored JSON of a CP saved before targets existed still reads.
+        let old = serde_json::to_value(&absent).unwrap();
+        let read: CpConfig = serde_json::from_value(old).unwrap();
+        assert!(read.target.is_postgres());
+    }
+
+    #[test]
+    fn bad_targets_are_refused_with_the_line() {
+        let base = "id = \"X\"\nsource = { kind = \"file\", path = \"/d\" }\n[target]\n";
+        let os = "kind = \"openspecimen\"\nbase_url = \"https://os/\"\nlogin_name = \"u\"\n";
+        for (rest, expected) in [
+            (
+                "kind = \"postgres\"\nbase_url = \"https://os/\"\n",
+                "unknown field `base_url`",
+            ),
+            ("kind = \"mysql\"\n", "unknown variant `mysql`"),
+            ("base_url = \"https://os/\"\n", "missing field `kind`"),
+            (
+                &format!("{os}password = \"hunter2\"\n"),
+                "password must be a reference",
+            ),
+            (
+                &format!("{os}password = {{ env = \"P\" }}\npasword = 1\n"),
+                "unknown field `pasword`",
+            ),
+            (
+                &format!("{os}password = {{ env = \"P\" }}\nmax_concurrency = 0\n"),
+                "target.max_concurrency must be at least 1",
+            ),
+            (
+                "kind = \"openspecimen\"\nbase_url = \"ftp://os/\"\nlogin_name = \"u\"\npassword = { env = \"P\" }\n",
+                "target.base_url must be http(s)",
+            ),
+            (
+                &format!(
+                    "{os}password = {{ env = \"P\" }}\n[target.forms.F_A]\nform_id = 1\nform_ctxt_id = 2\nlevel = \"event\"\n"
+                ),
+                "unknown variant `event`",
+            ),
+            (
+                &format!("{os}password = {{ env = \"P\" }}\n[target.forms.F_A]\nform_id = 1\n"),
+                "missing field `form_ctxt_id`",
+            ),
+        ] {
+            let text = format!("{base}{rest}");
+            let e = CpConfig::from_toml(&text, "cp.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("cp.toml:"), "{text}\n→ {e}");
+            assert!(e.contains(expected), "{text}\n→ {e}");
+            assert!(!e.contains("hunter2"), "the password is not echoed: {e}");
         }
     }
 

@@ -1,9 +1,10 @@
 //! Checking a CP configuration against the study's metadata: every OID it
 //! names must exist, and every item must belong to the item group it is
-//! mapped from. Problems name the configuration key path and the OID, with a
+//! mapped from. With an OpenSpecimen target, every CRF that becomes form
+//! records needs a form in `target.forms`. Problems name the configuration key path and the OID, with a
 //! "did you mean" when a close OID exists.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use super::model::{CpConfig, Placeholder};
 use crate::mapping::MetadataIndex;
 use crate::odm::Study;
+use crate::sink::openspecimen::{FormLevel, FormTarget};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -249,6 +251,10 @@ pub fn validate_with_sites(
         }
     }
 
+    if let Some(forms) = cp.target.forms() {
+        check_form_targets(&mut v, cp, &meta, forms);
+    }
+
     if !cp.visit_name.uses(Placeholder::Repeat)
         && let Some(event) = meta
             .event_oids()
@@ -264,6 +270,80 @@ pub fn validate_with_sites(
         );
     }
     v.problems
+}
+
+/// The OpenSpecimen target's form map: every CRF it names exists, is
+/// imported, and can be attached where its level says; and every CRF that
+/// becomes form records has a form (or each of its records would be an
+/// error row on every run).
+fn check_form_targets(
+    v: &mut Validator,
+    cp: &CpConfig,
+    meta: &MetadataIndex,
+    forms: &BTreeMap<String, FormTarget>,
+) {
+    // The first specimen mapping that takes a group in a CRF, as mapping
+    // picks it.
+    let specimen_of = |crf: &str, group: &str| {
+        cp.specimens
+            .iter()
+            .find(|m| m.item_group_oid == group && m.crf_oid.as_deref().is_none_or(|c| c == crf))
+    };
+    let selected = |crf: &str| {
+        (cp.crfs.include.is_empty() || cp.crfs.include.iter().any(|c| c == crf))
+            && !cp.crfs.exclude.iter().any(|c| c == crf)
+    };
+    // Groups of a CRF that become form records.
+    let record_groups = |crf: &str| -> Vec<String> {
+        meta.crf_item_groups(crf)
+            .into_iter()
+            .filter(|g| specimen_of(crf, g).is_none_or(|m| m.also_as_form_record))
+            .map(str::to_owned)
+            .collect()
+    };
+    for (crf, target) in forms {
+        let path = format!("target.forms.{}", key(crf));
+        if !meta.has_crf(crf) {
+            v.unknown(&path, crf, "CRF", meta.crf_oids());
+            continue;
+        }
+        let groups = record_groups(crf);
+        if !selected(crf) || groups.is_empty() {
+            v.warning(
+                &path,
+                Some(crf),
+                format!(
+                    "CRF {crf} becomes no form records (crfs.include/exclude, or every item \
+                     group is a specimen): this form is never written"
+                ),
+            );
+        } else if target.level == FormLevel::Specimen
+            && let Some(g) = groups.iter().find(|g| specimen_of(crf, g).is_none())
+        {
+            v.error(
+                &format!("{path}.level"),
+                Some(crf),
+                format!(
+                    "form records of CRF {crf} are attached to specimens, but item group {g} \
+                     is not mapped as a specimen: its records would have nothing to attach to"
+                ),
+            );
+        }
+    }
+    for crf in meta.crf_oids() {
+        if forms.contains_key(crf) || !selected(crf) || record_groups(crf).is_empty() {
+            continue;
+        }
+        v.error(
+            "target.forms",
+            Some(crf),
+            format!(
+                "CRF {crf} becomes form records but target.forms names no OpenSpecimen form for \
+                 it: each of its records would fail (add target.forms.{crf}, or list it in \
+                 crfs.exclude)"
+            ),
+        );
+    }
 }
 
 /// A map key as it is written in a key path (quoted when it is not bare).

@@ -1052,3 +1052,49 @@ impl<W: Write> Gen<'_, W> {
         write!(self.out, "{indent}</{p}ItemData>{nl}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subjects_of(config: &GeneratorConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        generate(config, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        text.split("<SubjectData ")
+            .skip(1)
+            .map(|s| s.split("</SubjectData>").next().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn an_edit_changes_its_subject_only_and_moves_its_audits_past_all_others() {
+        let base = GeneratorConfig {
+            subjects: 4,
+            oc4_dates: true,
+            ..GeneratorConfig::default()
+        };
+        let mut edited = base.clone();
+        edited.edits.insert(2, 1);
+        let (before, after) = (subjects_of(&base), subjects_of(&edited));
+        for i in [0, 1, 3] {
+            assert_eq!(before[i], after[i], "subject {i}");
+        }
+        assert_ne!(before[2], after[2]);
+        assert!(after[2].contains(&format!("UpdatedDate=\"{}\"", last_modified(&edited, 2))));
+        assert!(after[2].contains("ID=\"AL_1000000100001\""));
+        assert!(last_modified(&edited, 2) > last_modified(&base, 3));
+        assert_eq!(subject_status(&edited, 2), subject_status(&base, 2));
+    }
+
+    #[test]
+    fn site_ranges_cover_the_subjects_in_order() {
+        let c = GeneratorConfig {
+            subjects: 10,
+            sites: 3,
+            ..GeneratorConfig::default()
+        };
+        let ranges: Vec<Range<u32>> = (0..4).map(|s| site_range(&c, s)).collect();
+        assert_eq!(ranges, [0..3, 3..6, 6..10, 0..0]);
+    }
+}

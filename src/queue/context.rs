@@ -62,7 +62,10 @@ impl JobContext {
     }
 
     /// The progress an earlier attempt checkpointed, from the job's metadata.
-    pub async fn load_progress(pool: &PgPool, run_id: &str) -> Result<Option<Progress>, sqlx::Error> {
+    pub async fn load_progress(
+        pool: &PgPool,
+        run_id: &str,
+    ) -> Result<Option<Progress>, sqlx::Error> {
         let raw: Option<Option<String>> =
             sqlx::query_scalar("SELECT metadata -> 'progress' FROM apalis.jobs WHERE id = $1")
                 .bind(run_id)
@@ -88,8 +91,7 @@ impl RunContext for JobContext {
         tx: &mut PgConnection,
         progress: &Progress,
     ) -> Result<Control, sqlx::Error> {
-        let json = serde_json::to_string(progress)
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let json = serde_json::to_string(progress).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         // One statement: write progress and read the abort marker. No row
         // means another worker holds the job now: fail the batch so it
         // rolls back rather than write next to the new holder.

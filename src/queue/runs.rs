@@ -58,7 +58,12 @@ impl fmt::Display for RunStatus {
 impl FromStr for RunStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().replace(['_', '-'], " ").as_str() {
+        match s
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['_', '-'], " ")
+            .as_str()
+        {
             "queued" => Ok(Self::Queued),
             "in progress" | "running" => Ok(Self::InProgress),
             "success" => Ok(Self::Success),

@@ -6,7 +6,14 @@
 //! sync run also uses for its checkpoint, so a batch's records and the
 //! run's progress commit together (the OpenSpecimen writer keeps its
 //! bookkeeping of OpenSpecimen ids in that transaction). A sink knows
-//! nothing of ODM, OpenClinica or the queue.
+//! nothing of ODM, OpenClinica, CP configurations or the queue.
+//!
+//! [`AnySink`] is one value that is either writer, for code that serves
+//! CPs with different targets (the [`Sink`] trait returns `impl Future`, so
+//! it cannot be a trait object). Choosing it from a CP's `[target]` is
+//! `crate::sync::for_cp`'s job: `cp` already reads the OpenSpecimen
+//! configuration type from here, so a function here taking a CP would make
+//! the two modules depend on each other.
 
 use std::future::Future;
 
@@ -15,8 +22,10 @@ use sqlx::PgConnection;
 
 use crate::mapping::{RecordError, SubjectRecords};
 
+pub mod openspecimen;
 pub mod postgres;
 
+pub use openspecimen::OpenSpecimenSink;
 pub use postgres::PostgresSink;
 
 /// Created / updated / unchanged / failed counts for one entity.
@@ -81,13 +90,65 @@ pub trait Sink: Send + Sync {
     ) -> impl Future<Output = Result<BatchOutcome, SinkError>> + Send;
 }
 
+/// Either writer, chosen per CP at run time.
+// One value per run, held by reference and never in a collection: the
+// size difference between the variants costs nothing worth a `Box`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum AnySink {
+    Postgres(PostgresSink),
+    OpenSpecimen(OpenSpecimenSink),
+}
+
+impl AnySink {
+    /// `postgres` or `openspecimen`: for logs and span fields.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::OpenSpecimen(_) => "openspecimen",
+        }
+    }
+}
+
+impl From<PostgresSink> for AnySink {
+    fn from(s: PostgresSink) -> Self {
+        Self::Postgres(s)
+    }
+}
+
+impl From<OpenSpecimenSink> for AnySink {
+    fn from(s: OpenSpecimenSink) -> Self {
+        Self::OpenSpecimen(s)
+    }
+}
+
+impl Sink for AnySink {
+    async fn write_batch(
+        &self,
+        tx: &mut PgConnection,
+        cp: &str,
+        batch: &[SubjectRecords],
+    ) -> Result<BatchOutcome, SinkError> {
+        match self {
+            Self::Postgres(s) => s.write_batch(tx, cp, batch).await,
+            Self::OpenSpecimen(s) => s.write_batch(tx, cp, batch).await,
+        }
+    }
+}
+
 /// A batch that could not be written at all.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("database error while writing the batch: {0}")]
     Database(#[from] sqlx::Error),
+    /// The remote system (OpenSpecimen) failed in a way that may pass:
+    /// unreachable, overloaded or erroring after the retries.
     #[error("{0}")]
     Remote(String),
+    /// The remote system refused the batch for a reason that needs a
+    /// person: login rejected, token refused, bad configuration.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl SinkError {
@@ -96,6 +157,7 @@ impl SinkError {
         match self {
             Self::Database(e) => is_transient_sqlx(e),
             Self::Remote(_) => true,
+            Self::Refused(_) => false,
         }
     }
 }

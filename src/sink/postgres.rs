@@ -470,6 +470,38 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("a map of strings serialises to JSON")
 }
 
+/// Flags the vanished rows of a table keyed like specimens and form
+/// records (the record's six key columns after `cp_id`).
+async fn flag_vanished_items(
+    tx: &mut PgConnection,
+    cp: &str,
+    subjects: &[&str],
+    keys: [&Vec<&str>; 6],
+    find: &'static str,
+    flag: &'static str,
+) -> Result<i64, sqlx::Error> {
+    type Key = (String, String, String, String, String, String);
+    let mut query = sqlx::query_as::<_, Key>(find).bind(cp).bind(subjects);
+    for column in keys {
+        query = query.bind(column);
+    }
+    let gone = query.fetch_all(&mut *tx).await?;
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let mut columns: [Vec<String>; 6] = Default::default();
+    for (a, b, c, d, e, f) in gone {
+        for (column, value) in columns.iter_mut().zip([a, b, c, d, e, f]) {
+            column.push(value);
+        }
+    }
+    let mut query = sqlx::query(flag).bind(cp);
+    for column in &columns {
+        query = query.bind(column);
+    }
+    Ok(query.execute(tx).await?.rows_affected() as i64)
+}
+
 // One struct of column arrays per table: the UNNEST parameters.
 
 struct ParticipantCols<'a> {
@@ -586,15 +618,33 @@ impl<'a> VisitCols<'a> {
         cp: &str,
         subjects: &[&str],
     ) -> Result<i64, WriteFailure> {
-        sqlx::query_scalar(VANISHED_VISITS)
+        let gone: Vec<(String, String, String)> = sqlx::query_as(FIND_VANISHED_VISITS)
             .bind(cp)
             .bind(subjects)
             .bind(&self.subject_key)
             .bind(&self.event_oid)
             .bind(&self.event_repeat_key)
-            .fetch_one(tx)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(on::<Self>)
+            .map_err(on::<Self>)?;
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut keys: [Vec<String>; 3] = Default::default();
+        for (a, b, c) in gone {
+            keys[0].push(a);
+            keys[1].push(b);
+            keys[2].push(c);
+        }
+        let done = sqlx::query(FLAG_VANISHED_VISITS)
+            .bind(cp)
+            .bind(&keys[0])
+            .bind(&keys[1])
+            .bind(&keys[2])
+            .execute(tx)
+            .await
+            .map_err(on::<Self>)?;
+        Ok(done.rows_affected() as i64)
     }
 }
 
@@ -665,18 +715,24 @@ impl<'a> SpecimenCols<'a> {
         cp: &str,
         subjects: &[&str],
     ) -> Result<i64, WriteFailure> {
-        sqlx::query_scalar(VANISHED_SPECIMENS)
-            .bind(cp)
-            .bind(subjects)
-            .bind(&self.subject_key)
-            .bind(&self.event_oid)
-            .bind(&self.event_repeat_key)
-            .bind(&self.crf_oid)
-            .bind(&self.item_group_oid)
-            .bind(&self.item_group_repeat_key)
-            .fetch_one(tx)
-            .await
-            .map_err(on::<Self>)
+        let keys = [
+            &self.subject_key,
+            &self.event_oid,
+            &self.event_repeat_key,
+            &self.crf_oid,
+            &self.item_group_oid,
+            &self.item_group_repeat_key,
+        ];
+        flag_vanished_items(
+            tx,
+            cp,
+            subjects,
+            keys,
+            FIND_VANISHED_SPECIMENS,
+            FLAG_VANISHED_SPECIMENS,
+        )
+        .await
+        .map_err(on::<Self>)
     }
 }
 
@@ -747,18 +803,24 @@ impl<'a> FormRecordCols<'a> {
         cp: &str,
         subjects: &[&str],
     ) -> Result<i64, WriteFailure> {
-        sqlx::query_scalar(VANISHED_FORM_RECORDS)
-            .bind(cp)
-            .bind(subjects)
-            .bind(&self.subject_key)
-            .bind(&self.event_oid)
-            .bind(&self.event_repeat_key)
-            .bind(&self.crf_oid)
-            .bind(&self.item_group_oid)
-            .bind(&self.item_group_repeat_key)
-            .fetch_one(tx)
-            .await
-            .map_err(on::<Self>)
+        let keys = [
+            &self.subject_key,
+            &self.event_oid,
+            &self.event_repeat_key,
+            &self.crf_oid,
+            &self.item_group_oid,
+            &self.item_group_repeat_key,
+        ];
+        flag_vanished_items(
+            tx,
+            cp,
+            subjects,
+            keys,
+            FIND_VANISHED_FORM_RECORDS,
+            FLAG_VANISHED_FORM_RECORDS,
+        )
+        .await
+        .map_err(on::<Self>)
     }
 }
 
@@ -783,14 +845,17 @@ WITH u AS (
     SELECT $1::text, u.subject_key, u.ppid, u.study_oid, u.site, u.uid, u.birth_date, u.gender,
            u.registration_date, u.oc_status, u.status, u.fields
     FROM u
-    WHERE NOT EXISTS (
-        SELECT FROM ocsync_data.participants e
+    LEFT JOIN LATERAL (
+        SELECT true AS found, e.ppid, e.study_oid, e.site, e.uid, e.birth_date, e.gender, e.registration_date, e.oc_status, e.status, e.fields
+        FROM ocsync_data.participants e
         WHERE e.cp_id = $1::text AND e.subject_key = u.subject_key
-          AND (e.ppid, e.study_oid, e.site, e.uid, e.birth_date, e.gender,
+        LIMIT 1) e ON true
+    WHERE e.found IS NULL
+       OR (e.ppid, e.study_oid, e.site, e.uid, e.birth_date, e.gender,
                e.registration_date, e.oc_status, e.status, e.fields)
-              IS NOT DISTINCT FROM
-              (u.ppid, u.study_oid, u.site, u.uid, u.birth_date, u.gender,
-               u.registration_date, u.oc_status, u.status, u.fields))
+          IS DISTINCT FROM
+          (u.ppid, u.study_oid, u.site, u.uid, u.birth_date, u.gender,
+               u.registration_date, u.oc_status, u.status, u.fields)
     ON CONFLICT (cp_id, subject_key) DO UPDATE SET
         ppid = excluded.ppid, study_oid = excluded.study_oid, site = excluded.site,
         uid = excluded.uid, birth_date = excluded.birth_date, gender = excluded.gender,
@@ -820,13 +885,16 @@ WITH u AS (
     SELECT $1::text, u.subject_key, u.event_oid, u.event_repeat_key, u.event_label, u.name,
            u.visit_date, u.end_date, u.site, u.oc_status, u.status
     FROM u
-    WHERE NOT EXISTS (
-        SELECT FROM ocsync_data.visits e
+    LEFT JOIN LATERAL (
+        SELECT true AS found, e.event_label, e.name, e.visit_date, e.end_date, e.site, e.oc_status, e.status
+        FROM ocsync_data.visits e
         WHERE e.cp_id = $1::text AND e.subject_key = u.subject_key
           AND e.event_oid = u.event_oid AND e.event_repeat_key = u.event_repeat_key
-          AND (e.event_label, e.name, e.visit_date, e.end_date, e.site, e.oc_status, e.status)
-              IS NOT DISTINCT FROM
-              (u.event_label, u.name, u.visit_date, u.end_date, u.site, u.oc_status, u.status))
+        LIMIT 1) e ON true
+    WHERE e.found IS NULL
+       OR (e.event_label, e.name, e.visit_date, e.end_date, e.site, e.oc_status, e.status)
+          IS DISTINCT FROM
+          (u.event_label, u.name, u.visit_date, u.end_date, u.site, u.oc_status, u.status)
     ON CONFLICT (cp_id, subject_key, event_oid, event_repeat_key) DO UPDATE SET
         event_label = excluded.event_label, name = excluded.name,
         visit_date = excluded.visit_date, end_date = excluded.end_date, site = excluded.site,
@@ -857,15 +925,18 @@ WITH u AS (
            u.item_group_oid, u.item_group_repeat_key, u.label, u.specimen_type, u.quantity,
            u.collection_time, u.fields, u.status
     FROM u
-    WHERE NOT EXISTS (
-        SELECT FROM ocsync_data.specimens e
+    LEFT JOIN LATERAL (
+        SELECT true AS found, e.label, e.specimen_type, e.quantity, e.collection_time, e.fields, e.status
+        FROM ocsync_data.specimens e
         WHERE e.cp_id = $1::text AND e.subject_key = u.subject_key
           AND e.event_oid = u.event_oid AND e.event_repeat_key = u.event_repeat_key
           AND e.crf_oid = u.crf_oid AND e.item_group_oid = u.item_group_oid
           AND e.item_group_repeat_key = u.item_group_repeat_key
-          AND (e.label, e.specimen_type, e.quantity, e.collection_time, e.fields, e.status)
-              IS NOT DISTINCT FROM
-              (u.label, u.specimen_type, u.quantity, u.collection_time, u.fields, u.status))
+        LIMIT 1) e ON true
+    WHERE e.found IS NULL
+       OR (e.label, e.specimen_type, e.quantity, e.collection_time, e.fields, e.status)
+          IS DISTINCT FROM
+          (u.label, u.specimen_type, u.quantity, u.collection_time, u.fields, u.status)
     ON CONFLICT (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
                  item_group_repeat_key) DO UPDATE SET
         label = excluded.label, specimen_type = excluded.specimen_type,
@@ -897,15 +968,18 @@ WITH u AS (
            u.item_group_oid, u.item_group_repeat_key, u.form_oid, u.form_version,
            u.form_status, u.status, u.values, u.item_names
     FROM u
-    WHERE NOT EXISTS (
-        SELECT FROM ocsync_data.form_records e
+    LEFT JOIN LATERAL (
+        SELECT true AS found, e.form_oid, e.form_version, e.form_status, e.status, e.values, e.item_names
+        FROM ocsync_data.form_records e
         WHERE e.cp_id = $1::text AND e.subject_key = u.subject_key
           AND e.event_oid = u.event_oid AND e.event_repeat_key = u.event_repeat_key
           AND e.crf_oid = u.crf_oid AND e.item_group_oid = u.item_group_oid
           AND e.item_group_repeat_key = u.item_group_repeat_key
-          AND (e.form_oid, e.form_version, e.form_status, e.status, e.values, e.item_names)
-              IS NOT DISTINCT FROM
-              (u.form_oid, u.form_version, u.form_status, u.status, u.values, u.item_names))
+        LIMIT 1) e ON true
+    WHERE e.found IS NULL
+       OR (e.form_oid, e.form_version, e.form_status, e.status, e.values, e.item_names)
+          IS DISTINCT FROM
+          (u.form_oid, u.form_version, u.form_status, u.status, u.values, u.item_names)
     ON CONFLICT (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
                  item_group_repeat_key) DO UPDATE SET
         form_oid = excluded.form_oid, form_version = excluded.form_version,
@@ -919,50 +993,75 @@ WITH u AS (
 )
 SELECT count(*) FILTER (WHERE created), count(*) FILTER (WHERE NOT created) FROM w";
 
-// Vanished rows: active rows of the batch's subjects whose key is not in the
-// batch. $2 is the batch's subject keys, the rest the records' key columns.
+// Vanished rows, in two steps. First a read: the active rows of the batch's
+// subjects ($2) whose key is not among the batch's records ($3…), found by
+// probing the primary key subject by subject (the LATERAL … OFFSET 0 keeps
+// the planner from turning it into one scan of the whole CP, which it does
+// on freshly filled tables it has no statistics for) and filtered through
+// a hashed `NOT IN` (safe: no key column is nullable). Usually that finds
+// nothing and nothing is written. Then, for what it found, the update.
 
-const VANISHED_VISITS: &str = "
-WITH gone AS (
-    UPDATE ocsync_data.visits AS t SET status = 'removed', updated_at = now()
-    WHERE t.cp_id = $1::text AND t.subject_key = ANY($2::text[]) AND t.status = 'active'
-      AND NOT EXISTS (
-        SELECT FROM UNNEST($3::text[], $4::text[], $5::text[])
-             AS k(subject_key, event_oid, event_repeat_key)
-        WHERE k.subject_key = t.subject_key AND k.event_oid = t.event_oid
-          AND k.event_repeat_key = t.event_repeat_key)
-    RETURNING 1
-)
-SELECT count(*) FROM gone";
+const FIND_VANISHED_VISITS: &str = "
+SELECT sk.subject_key, t.event_oid, t.event_repeat_key
+FROM UNNEST($2::text[]) AS sk(subject_key)
+CROSS JOIN LATERAL (
+    SELECT t.event_oid, t.event_repeat_key
+    FROM ocsync_data.visits t
+    WHERE t.cp_id = $1::text AND t.subject_key = sk.subject_key AND t.status = 'active'
+    OFFSET 0) t
+WHERE (sk.subject_key, t.event_oid, t.event_repeat_key) NOT IN (
+    SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[]))";
 
-const VANISHED_SPECIMENS: &str = "
-WITH gone AS (
-    UPDATE ocsync_data.specimens AS t SET status = 'removed', updated_at = now()
-    WHERE t.cp_id = $1::text AND t.subject_key = ANY($2::text[]) AND t.status = 'active'
-      AND NOT EXISTS (
-        SELECT FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
-             AS k(subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
-                  item_group_repeat_key)
-        WHERE k.subject_key = t.subject_key AND k.event_oid = t.event_oid
-          AND k.event_repeat_key = t.event_repeat_key AND k.crf_oid = t.crf_oid
-          AND k.item_group_oid = t.item_group_oid
-          AND k.item_group_repeat_key = t.item_group_repeat_key)
-    RETURNING 1
-)
-SELECT count(*) FROM gone";
+const FLAG_VANISHED_VISITS: &str = "
+UPDATE ocsync_data.visits AS t SET status = 'removed', updated_at = now()
+FROM UNNEST($2::text[], $3::text[], $4::text[]) AS k(subject_key, event_oid, event_repeat_key)
+WHERE t.cp_id = $1::text AND t.subject_key = k.subject_key AND t.event_oid = k.event_oid
+  AND t.event_repeat_key = k.event_repeat_key AND t.status = 'active'";
 
-const VANISHED_FORM_RECORDS: &str = "
-WITH gone AS (
-    UPDATE ocsync_data.form_records AS t SET status = 'removed', updated_at = now()
-    WHERE t.cp_id = $1::text AND t.subject_key = ANY($2::text[]) AND t.status = 'active'
-      AND NOT EXISTS (
-        SELECT FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
-             AS k(subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
-                  item_group_repeat_key)
-        WHERE k.subject_key = t.subject_key AND k.event_oid = t.event_oid
-          AND k.event_repeat_key = t.event_repeat_key AND k.crf_oid = t.crf_oid
-          AND k.item_group_oid = t.item_group_oid
-          AND k.item_group_repeat_key = t.item_group_repeat_key)
-    RETURNING 1
-)
-SELECT count(*) FROM gone";
+const FIND_VANISHED_SPECIMENS: &str = "
+SELECT sk.subject_key, t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid,
+       t.item_group_repeat_key
+FROM UNNEST($2::text[]) AS sk(subject_key)
+CROSS JOIN LATERAL (
+    SELECT t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid, t.item_group_repeat_key
+    FROM ocsync_data.specimens t
+    WHERE t.cp_id = $1::text AND t.subject_key = sk.subject_key AND t.status = 'active'
+    OFFSET 0) t
+WHERE (sk.subject_key, t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid,
+       t.item_group_repeat_key) NOT IN (
+    SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[]))";
+
+const FLAG_VANISHED_SPECIMENS: &str = "
+UPDATE ocsync_data.specimens AS t SET status = 'removed', updated_at = now()
+FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+     AS k(subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
+          item_group_repeat_key)
+WHERE t.cp_id = $1::text AND t.subject_key = k.subject_key AND t.event_oid = k.event_oid
+  AND t.event_repeat_key = k.event_repeat_key AND t.crf_oid = k.crf_oid
+  AND t.item_group_oid = k.item_group_oid AND t.item_group_repeat_key = k.item_group_repeat_key
+  AND t.status = 'active'";
+
+const FIND_VANISHED_FORM_RECORDS: &str = "
+SELECT sk.subject_key, t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid,
+       t.item_group_repeat_key
+FROM UNNEST($2::text[]) AS sk(subject_key)
+CROSS JOIN LATERAL (
+    SELECT t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid, t.item_group_repeat_key
+    FROM ocsync_data.form_records t
+    WHERE t.cp_id = $1::text AND t.subject_key = sk.subject_key AND t.status = 'active'
+    OFFSET 0) t
+WHERE (sk.subject_key, t.event_oid, t.event_repeat_key, t.crf_oid, t.item_group_oid,
+       t.item_group_repeat_key) NOT IN (
+    SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[]))";
+
+const FLAG_VANISHED_FORM_RECORDS: &str = "
+UPDATE ocsync_data.form_records AS t SET status = 'removed', updated_at = now()
+FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+     AS k(subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid,
+          item_group_repeat_key)
+WHERE t.cp_id = $1::text AND t.subject_key = k.subject_key AND t.event_oid = k.event_oid
+  AND t.event_repeat_key = k.event_repeat_key AND t.crf_oid = k.crf_oid
+  AND t.item_group_oid = k.item_group_oid AND t.item_group_repeat_key = k.item_group_repeat_key
+  AND t.status = 'active'";

@@ -131,7 +131,8 @@ pub async fn run<S: Sink, C: RunContext>(
     ctx: &mut C,
 ) -> Result<RunOutcome, SyncError> {
     let cp_id = cp.id.as_str().to_owned();
-    let span = tracing::info_span!("sync.run", cp.id = %cp_id, run.id = %ctx.run_id(), mode = %mode);
+    let span =
+        tracing::info_span!("sync.run", cp.id = %cp_id, run.id = %ctx.run_id(), mode = %mode);
     async move {
         let cancel = ctx.cancellation();
         let mut progress = ctx.resume().unwrap_or_default();
@@ -172,8 +173,18 @@ pub async fn run<S: Sink, C: RunContext>(
                         // Keep the batch gathered so far: commit it, then
                         // report the failure (its error row says where).
                         if !batch.is_empty() {
-                            write_batch(pool, cp, mode, &index, sink, ctx, &mut progress, &mut seen, batch)
-                                .await?;
+                            write_batch(
+                                pool,
+                                cp,
+                                mode,
+                                &index,
+                                sink,
+                                ctx,
+                                &mut progress,
+                                &mut seen,
+                                batch,
+                            )
+                            .await?;
                         }
                         if !e.is_transient() {
                             record_run_error(pool, ctx, &cp_id, &e, &mut progress).await?;
@@ -183,8 +194,18 @@ pub async fn run<S: Sink, C: RunContext>(
                 }
             }
             if !batch.is_empty() {
-                let control =
-                    write_batch(pool, cp, mode, &index, sink, ctx, &mut progress, &mut seen, batch).await?;
+                let control = write_batch(
+                    pool,
+                    cp,
+                    mode,
+                    &index,
+                    sink,
+                    ctx,
+                    &mut progress,
+                    &mut seen,
+                    batch,
+                )
+                .await?;
                 if control == Control::Stop {
                     return Ok(aborted(progress));
                 }
@@ -285,12 +306,19 @@ async fn write_batch<S: Sink, C: RunContext>(
     let prepared: Vec<(String, Option<String>, Prepared)> = batch
         .into_iter()
         .map(|item| match item {
-            Item::Failed(e) => (e.subject_key.clone().unwrap_or_default(), None, Prepared::Failed(vec![*e])),
+            Item::Failed(e) => (
+                e.subject_key.clone().unwrap_or_default(),
+                None,
+                Prepared::Failed(vec![*e]),
+            ),
             Item::Subject {
                 subject,
                 last_modified,
             } => {
-                let audit = subject.audit.max_id_number.and_then(|n| i64::try_from(n).ok());
+                let audit = subject
+                    .audit
+                    .max_id_number
+                    .and_then(|n| i64::try_from(n).ok());
                 seen.audit_max_id = seen.audit_max_id.max(audit);
                 if let Some(m) = &last_modified
                     && seen.last_modified.as_ref().is_none_or(|s| m > s)
@@ -300,7 +328,15 @@ async fn write_batch<S: Sink, C: RunContext>(
                 last_key = Some(subject.subject_key.clone());
                 let ppid = subject.study_subject_id.clone();
                 let prior = known.get(&subject.subject_key);
-                let p = prepare(cp, index, &subject, audit, last_modified, prior, incremental);
+                let p = prepare(
+                    cp,
+                    index,
+                    &subject,
+                    audit,
+                    last_modified,
+                    prior,
+                    incremental,
+                );
                 (subject.subject_key.clone(), ppid, p)
             }
         })

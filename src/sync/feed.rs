@@ -215,23 +215,21 @@ impl Feed {
                 let key = keys.pop_front().unwrap_or_default();
                 let source = source.clone();
                 let item = match fetched {
-                    Ok(body) => {
-                        match read_one_subject(&source, body).await? {
-                            Ok(subject) => {
-                                let lm = last_modified.get(&subject.subject_key).cloned();
-                                Item::Subject {
-                                    subject,
-                                    last_modified: lm,
-                                }
+                    Ok(body) => match read_one_subject(&source, body).await? {
+                        Ok(subject) => {
+                            let lm = last_modified.get(&subject.subject_key).cloned();
+                            Item::Subject {
+                                subject,
+                                last_modified: lm,
                             }
-                            Err(message) => Item::Failed(Box::new(RecordError::subject(
-                                &key,
-                                None,
-                                Stage::Parse,
-                                message,
-                            ))),
                         }
-                    }
+                        Err(message) => Item::Failed(Box::new(RecordError::subject(
+                            &key,
+                            None,
+                            Stage::Parse,
+                            message,
+                        ))),
+                    },
                     Err(e) if is_run_level(&e) => return Err(SyncError::Source(e)),
                     Err(e) => Item::Failed(Box::new(RecordError::subject(
                         &key,
@@ -459,10 +457,16 @@ mod tests {
     fn selection_keeps_the_overlap_and_unreadable_times() {
         let since = Some("2024-03-01 12:00:00");
         assert!(changed_since(Some("2024-03-01 12:00:01"), since));
-        assert!(changed_since(Some("2024-03-01 11:30:00"), since), "inside the overlap");
+        assert!(
+            changed_since(Some("2024-03-01 11:30:00"), since),
+            "inside the overlap"
+        );
         assert!(!changed_since(Some("2024-03-01 10:59:59"), since));
         assert!(changed_since(Some("garbage"), since));
         assert!(changed_since(None, since));
-        assert!(changed_since(Some("2020-01-01 00:00:00"), None), "no mark yet");
+        assert!(
+            changed_since(Some("2020-01-01 00:00:00"), None),
+            "no mark yet"
+        );
     }
 }

@@ -41,6 +41,11 @@
 //! change; metadata edits are not data changes) is caught only by a run
 //! whose document lacks audit logs, or by a full run.
 //!
+//! # Where records go
+//! [`for_cp`] turns a CP's `[target]` into an [`crate::sink::AnySink`]
+//! (the Postgres tables, or OpenSpecimen's REST API); [`run`] takes any
+//! [`crate::sink::Sink`].
+//!
 //! # What it does not know
 //! Nothing of apalis or the job queue: the runner implements
 //! [`RunContext`] (checkpoint, progress, stop). Nothing of HTTP details,
@@ -52,8 +57,10 @@ mod feed;
 mod mode;
 mod report;
 mod state;
+mod target;
 
 pub use engine::{Control, Cursor, Progress, RunContext, RunOutcome, RunResult, SyncError, run};
 pub use mode::{Mode, ModeName, parse_subject_list};
 pub use report::{CSV_HEADER, ReportError, write_error_report};
 pub use state::INCREMENTAL_OVERLAP;
+pub use target::for_cp;

@@ -77,7 +77,10 @@ mod tests {
     fn subject_lists_split_on_commas_tabs_and_newlines() {
         let cases: &[(&str, &[&str])] = &[
             ("SS_1,SS_2", &["SS_1", "SS_2"]),
-            ("SS_1\tSS_2\nSS_3\r\nSS_4", &["SS_1", "SS_2", "SS_3", "SS_4"]),
+            (
+                "SS_1\tSS_2\nSS_3\r\nSS_4",
+                &["SS_1", "SS_2", "SS_3", "SS_4"],
+            ),
             (" SS_1 , ,\n\nSS_2,", &["SS_1", "SS_2"]),
             ("SS_2,SS_1,SS_2", &["SS_2", "SS_1"]),
             ("", &[]),
@@ -105,6 +108,9 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"mode":"subjects","subjects":["SS_1"]}"#
         );
-        assert_eq!(serde_json::to_string(&Mode::All).unwrap(), r#"{"mode":"all"}"#);
+        assert_eq!(
+            serde_json::to_string(&Mode::All).unwrap(),
+            r#"{"mode":"all"}"#
+        );
     }
 }

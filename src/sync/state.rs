@@ -65,15 +65,14 @@ pub(crate) async fn load_subject_states(
     cp: &str,
     keys: &[String],
 ) -> Result<HashMap<String, SubjectState>, sqlx::Error> {
-    let rows: Vec<(String, String, Option<i64>, sqlx::types::Json<RecordCounts>)> =
-        sqlx::query_as(
-            "SELECT subject_key, content_hash, audit_max_id, record_counts \
+    let rows: Vec<(String, String, Option<i64>, sqlx::types::Json<RecordCounts>)> = sqlx::query_as(
+        "SELECT subject_key, content_hash, audit_max_id, record_counts \
              FROM ocsync.subject_state WHERE cp_id = $1 AND subject_key = ANY($2)",
-        )
-        .bind(cp)
-        .bind(keys)
-        .fetch_all(pool)
-        .await?;
+    )
+    .bind(cp)
+    .bind(keys)
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|(key, content_hash, audit_max_id, counts)| {

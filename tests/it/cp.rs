@@ -317,7 +317,7 @@ async fn edits_are_refused_while_the_cp_has_an_active_run() {
 }
 
 #[tokio::test]
-async fn the_placeholder_active_run_function_says_no_run() {
+async fn a_cp_without_runs_has_no_active_run() {
     let t = migrated().await;
     let run: Option<String> = sqlx::query_scalar("SELECT ocsync.cp_active_run('ANY')")
         .fetch_one(&t.pool)
@@ -540,5 +540,99 @@ fn a_whole_generated_study_maps_without_losing_anything() {
     assert!(
         removed_seen > 0 && invalid_seen > 0,
         "{removed_seen} {invalid_seen}"
+    );
+}
+
+#[test]
+fn an_openspecimen_target_needs_a_known_form_for_every_crf_that_becomes_records() {
+    use Severity::{Error, Warning};
+    let (_, study, _) = generated(4);
+    let target = r#"
+[target]
+kind = "openspecimen"
+base_url = "https://os.example.org/openspecimen"
+login_name = "ocsync"
+password = { env = "OS_PASSWORD" }
+
+[target.forms]
+F_AE = { form_id = 1, form_ctxt_id = 11 }
+F_DEMOG = { form_id = 2, form_ctxt_id = 12, level = "participant" }
+F_LABS = { form_id = 3, form_ctxt_id = 13, level = "specimen" }
+F_SPECIMEN = { form_id = 4, form_ctxt_id = 14 }
+F_VITALS = { form_id = 5, form_ctxt_id = 15 }
+F_VITALZ = { form_id = 6, form_ctxt_id = 16 }
+"#;
+    let cp = config(&format!("{GOOD}{target}"));
+    assert_eq!(
+        cp::validate_with_sites(&cp, std::slice::from_ref(&study), &sites()),
+        vec![
+            problem(
+                Warning,
+                "target.forms.F_AE",
+                Some("F_AE"),
+                "CRF F_AE becomes no form records (crfs.include/exclude, or every item group is \
+                 a specimen): this form is never written",
+                None,
+            ),
+            problem(
+                Error,
+                "target.forms.F_LABS.level",
+                Some("F_LABS"),
+                "form records of CRF F_LABS are attached to specimens, but item group \
+                 IG_LABS_LABS is not mapped as a specimen: its records would have nothing to \
+                 attach to",
+                None,
+            ),
+            problem(
+                Warning,
+                "target.forms.F_SPECIMEN",
+                Some("F_SPECIMEN"),
+                "CRF F_SPECIMEN becomes no form records (crfs.include/exclude, or every item \
+                 group is a specimen): this form is never written",
+                None,
+            ),
+            problem(
+                Error,
+                "target.forms.F_VITALZ",
+                Some("F_VITALZ"),
+                "CRF F_VITALZ is not defined in the study metadata",
+                Some("F_VITALS"),
+            ),
+            problem(
+                Error,
+                "target.forms",
+                Some("F_CONSENT"),
+                "CRF F_CONSENT becomes form records but target.forms names no OpenSpecimen form \
+                 for it: each of its records would fail (add target.forms.F_CONSENT, or list it \
+                 in crfs.exclude)",
+                None,
+            ),
+        ]
+    );
+
+    // Every CRF that becomes records has a form: clean.
+    let complete = r#"
+[target]
+kind = "openspecimen"
+base_url = "https://os.example.org/openspecimen"
+login_name = "ocsync"
+password = { file = "/run/secrets/os" }
+
+[target.forms]
+F_CONSENT = { form_id = 1, form_ctxt_id = 11 }
+F_DEMOG = { form_id = 2, form_ctxt_id = 12, level = "participant" }
+F_LABS = { form_id = 3, form_ctxt_id = 13 }
+F_VITALS = { form_id = 5, form_ctxt_id = 15 }
+"#;
+    let cp = config(&format!("{GOOD}{complete}"));
+    assert_eq!(
+        cp::validate_with_sites(&cp, std::slice::from_ref(&study), &sites()),
+        vec![]
+    );
+    // And it survives `cp show` (TOML) and storage (JSON) unchanged.
+    let shown = CpConfig::from_toml(&cp.to_toml(), "shown.toml").unwrap();
+    assert_eq!(
+        serde_json::to_value(&shown).unwrap(),
+        serde_json::to_value(&cp).unwrap()
     );
 }

@@ -911,7 +911,15 @@ async fn the_password_never_reaches_logs_or_errors() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let mut seen = Vec::new();
 
-    let sim = start(config(3)).await;
+    // Enough token requests per minute for the four 4.x clients below.
+    let sim = start(SimConfig {
+        auth: AuthConfig {
+            token_limit: 10,
+            ..AuthConfig::default()
+        },
+        ..config(3)
+    })
+    .await;
     sim.faults(Faults {
         session_expiry_every: 2,
         error_next: 1,

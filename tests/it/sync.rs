@@ -136,7 +136,9 @@ fn subjects_of(path: &Path) -> Vec<Subject> {
 /// What the form_records table must hold, derived from the ODM alone:
 /// every item group repeat outside the specimen group, its values exactly.
 type FormKey = (String, String, String, String, String, String);
-fn expected_form_values(subjects: &[Subject]) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
+fn expected_form_values(
+    subjects: &[Subject],
+) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
     let mut out = BTreeMap::new();
     for s in subjects {
         for e in &s.events {
@@ -168,18 +170,23 @@ fn expected_form_values(subjects: &[Subject]) -> BTreeMap<FormKey, BTreeMap<Stri
     out
 }
 
-async fn actual_form_values(
-    pool: &PgPool,
-) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
-    let rows: Vec<(String, String, String, String, String, String, serde_json::Value)> =
-        sqlx::query_as(
-            "SELECT subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, \
+async fn actual_form_values(pool: &PgPool) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
+    let rows: Vec<(
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        serde_json::Value,
+    )> = sqlx::query_as(
+        "SELECT subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, \
                     item_group_repeat_key, \"values\" \
              FROM ocsync_data.form_records WHERE cp_id = 'CP-TEST'",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter()
         .map(|(s, e, er, c, g, gr, v)| {
             let values = serde_json::from_value(v).unwrap();
@@ -229,19 +236,27 @@ async fn a_full_sync_writes_exactly_what_the_study_holds() {
     let out = run(&t, &cp, Mode::All, &mut ctx).await;
     assert_eq!(out.result, RunResult::Success, "{:?}", out.progress);
     assert_eq!(out.progress.subjects_done, 40);
-    assert_eq!(ctx.checkpoints.len(), 40usize.div_ceil(7) + 1, "one per batch, one at the end");
+    assert_eq!(
+        ctx.checkpoints.len(),
+        40usize.div_ceil(7) + 1,
+        "one per batch, one at the end"
+    );
 
     // Form records: every item group repeat, values exactly as written.
-    assert_eq!(actual_form_values(&t.pool).await, expected_form_values(&subjects));
+    assert_eq!(
+        actual_form_values(&t.pool).await,
+        expected_form_values(&subjects)
+    );
 
     // Participants: one per subject, PPID = the label.
-    let ppids: BTreeMap<String, String> =
-        sqlx::query_as("SELECT subject_key, ppid FROM ocsync_data.participants WHERE cp_id = 'CP-TEST'")
-            .fetch_all(&t.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let ppids: BTreeMap<String, String> = sqlx::query_as(
+        "SELECT subject_key, ppid FROM ocsync_data.participants WHERE cp_id = 'CP-TEST'",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
     let want: BTreeMap<String, String> = subjects
         .iter()
         .map(|s| (s.subject_key.clone(), s.study_subject_id.clone().unwrap()))
@@ -303,7 +318,10 @@ async fn an_incremental_run_touches_only_the_changed_subjects() {
     // Nothing changed: every subject is skipped as unchanged.
     let same = run(&t, &cp, Mode::Incremental, &mut TestRun::new("run-2")).await;
     assert_eq!(same.progress.counts.participants.unchanged, 30);
-    assert_eq!(same.progress.counts.form_records.created + same.progress.counts.form_records.updated, 0);
+    assert_eq!(
+        same.progress.counts.form_records.created + same.progress.counts.form_records.updated,
+        0
+    );
 
     // Edit three subjects in OpenClinica.
     let edited = [3u32, 11, 27];
@@ -359,20 +377,27 @@ async fn a_subjects_run_touches_only_the_listed_subjects() {
     };
     let mut ctx = TestRun::new("run-s");
     let out = run(&t, &cp, mode, &mut ctx).await;
-    assert_eq!(out.result, RunResult::Failed, "the unknown subject is an error row");
-    let keys: BTreeSet<String> =
-        sqlx::query_scalar("SELECT subject_key FROM ocsync_data.participants WHERE cp_id = 'CP-TEST'")
-            .fetch_all(&t.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    assert_eq!(
+        out.result,
+        RunResult::Failed,
+        "the unknown subject is an error row"
+    );
+    let keys: BTreeSet<String> = sqlx::query_scalar(
+        "SELECT subject_key FROM ocsync_data.participants WHERE cp_id = 'CP-TEST'",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
     assert_eq!(
         keys,
         BTreeSet::from([by_key, subjects[5].subject_key.clone()])
     );
     let mut csv = Vec::new();
-    let rows = sync::write_error_report(&t.pool, "run-s", &mut csv).await.unwrap();
+    let rows = sync::write_error_report(&t.pool, "run-s", &mut csv)
+        .await
+        .unwrap();
     assert_eq!(rows, 1);
     let csv = String::from_utf8(csv).unwrap();
     let mut lines = csv.lines();
@@ -381,7 +406,10 @@ async fn a_subjects_run_touches_only_the_listed_subjects() {
         "subject_key,ppid,event_oid,repeat,form_oid,item_group_oid,item_oid,stage,message"
     );
     let row = lines.next().unwrap();
-    assert!(row.starts_with("NOBODY,,,,,,,fetch,subject not found"), "{row}");
+    assert!(
+        row.starts_with("NOBODY,,,,,,,fetch,subject not found"),
+        "{row}"
+    );
 }
 
 #[tokio::test]
@@ -454,7 +482,9 @@ async fn a_broken_document_fails_the_run_but_keeps_the_good_batches() {
     assert!(err.to_string().contains("line"), "{err}");
     assert_eq!(count(&t.pool, "participants").await, 9);
     let mut csv = Vec::new();
-    sync::write_error_report(&t.pool, "run-b", &mut csv).await.unwrap();
+    sync::write_error_report(&t.pool, "run-b", &mut csv)
+        .await
+        .unwrap();
     let csv = String::from_utf8(csv).unwrap();
     assert!(csv.lines().nth(1).unwrap().contains(",parse,"), "{csv}");
 }

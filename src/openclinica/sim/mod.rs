@@ -26,8 +26,8 @@
 //!
 //! Documents are generated while they are sent, never held whole: a 1 GB
 //! study costs the memory of one generator buffer per request.
-//! Authentication ([`auth`]) and faults ([`Faults`]) behave as the module
-//! docs there say; [`model`] says what the simulator decides where OC's
+//! Authentication ([`AuthConfig`], `auth.rs`) and faults ([`Faults`]) behave as
+//! their docs say; `model.rs` says what the simulator decides where OC's
 //! behaviour is unknown (unknown subjects, `showArchived`).
 //!
 //! What it does not know: event and form filters (only `*`), discrepancy
@@ -46,6 +46,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use secrecy::SecretString;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -211,6 +212,14 @@ impl Simulator {
             addr: config.listen,
             source,
         })?;
+        // Without TCP_NODELAY a small response written in pieces (headers,
+        // then chunks) waits on the client's delayed ACK: 40 ms per request
+        // on Linux loopback, which would be measured as the client's.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "oc-sim: cannot set TCP_NODELAY");
+            }
+        });
         let app = routes::router(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -408,7 +408,7 @@ async fn data(
             });
             stream(&shared, rx, shaping, flight, "application/json")
         }
-        Err(response) => response,
+        Err(Refusal(status, message)) => plain(status, "text/plain", message),
     };
     reply(&shared, route, response)
 }
@@ -464,16 +464,23 @@ enum Answer {
     Json(Vec<u8>),
 }
 
-fn answer(shared: &Shared, scheme: Scheme, what: What) -> Result<Answer, Response<Body>> {
-    let not_found = |e: SimError| plain(StatusCode::NOT_FOUND, "text/plain", e.to_string());
+/// Why a data request has no document: the status and message to send.
+struct Refusal(StatusCode, String);
+
+impl From<SimError> for Refusal {
+    fn from(e: SimError) -> Self {
+        Self(StatusCode::NOT_FOUND, e.to_string())
+    }
+}
+
+fn answer(shared: &Shared, scheme: Scheme, what: What) -> Result<Answer, Refusal> {
     let wildcard_only = |parts: &[&str]| {
         if parts.iter().all(|p| *p == "*") {
             Ok(())
         } else {
-            Err(plain(
+            Err(Refusal(
                 StatusCode::BAD_REQUEST,
-                "text/plain",
-                "the simulator serves only * for events and forms",
+                "the simulator serves only * for events and forms".into(),
             ))
         }
     };
@@ -497,20 +504,14 @@ fn answer(shared: &Shared, scheme: Scheme, what: What) -> Result<Answer, Respons
                 audits,
                 notes,
             };
-            studies
-                .document(&request)
-                .map(Answer::Document)
-                .map_err(not_found)
+            Ok(Answer::Document(studies.document(&request)?))
         }
         What::Metadata { study, event, form } => {
             wildcard_only(&[&event, &form])?;
-            studies
-                .metadata(&study, scheme)
-                .map(Answer::Document)
-                .map_err(not_found)
+            Ok(Answer::Document(studies.metadata(&study, scheme)?))
         }
         What::Participants { study } => {
-            let list = studies.participants(&study).map_err(not_found)?;
+            let list = studies.participants(&study)?;
             Ok(Answer::Json(
                 serde_json::to_vec(&list).expect("plain strings serialise"),
             ))

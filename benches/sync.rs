@@ -1,0 +1,272 @@
+//! `make bench`: a whole sync, OpenClinica simulator → Postgres sink.
+//!
+//! Starts the OpenClinica simulator in-process with a generated study of
+//! `SYNC_BENCH_SUBJECTS` subjects (default 10,000), creates a database of its
+//! own on the test server (`OCSYNC_TEST_DATABASE_URL`), and measures in one
+//! run:
+//!
+//! 1. a full sync (mode `all`, OC 3.x REST, one whole-study document):
+//!    subjects/s and rows/s;
+//! 2. the ceiling: a bare `COPY … FROM STDIN` of exactly the rows that sync
+//!    wrote, into the same tables (emptied first), rows/s;
+//! 3. an incremental sync with nothing changed, and a second full sync with
+//!    nothing changed, each as a fraction of the full sync's time.
+//!
+//! Without the `--bench` argument (`cargo test --all-targets`) it runs the
+//! same steps on 40 subjects as a smoke test.
+
+use std::time::{Duration, Instant};
+
+use ocsync::config::{DatabaseConfig, Env};
+use ocsync::cp::CpConfig;
+use ocsync::db;
+use ocsync::odm::generate::GeneratorConfig;
+use ocsync::openclinica::SourceRegistry;
+use ocsync::openclinica::sim::{SimConfig, Simulator};
+use ocsync::sink::postgres::PostgresSink;
+use ocsync::sync::{self, Control, Mode, Progress, RunContext, RunResult};
+use secrecy::SecretString;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+const TABLES: [&str; 4] = ["participants", "visits", "specimens", "form_records"];
+
+struct BenchRun(String, CancellationToken);
+
+impl RunContext for BenchRun {
+    fn run_id(&self) -> &str {
+        &self.0
+    }
+    fn resume(&self) -> Option<Progress> {
+        None
+    }
+    async fn checkpoint(
+        &mut self,
+        _tx: &mut PgConnection,
+        _progress: &Progress,
+    ) -> Result<Control, sqlx::Error> {
+        Ok(Control::Continue)
+    }
+    fn cancellation(&self) -> CancellationToken {
+        self.1.clone()
+    }
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let subjects: u32 = std::env::var("SYNC_BENCH_SUBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if measuring { 10_000 } else { 40 });
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(bench(subjects));
+}
+
+async fn bench(subjects: u32) {
+    let server = std::env::var("OCSYNC_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin =
+        DatabaseConfig::from_lookup(&Env::from_pairs([("DATABASE_URL", server.as_str())])).unwrap();
+    let name = format!("ocsync_bench_sync_{}", std::process::id());
+    let mut conn = db::connect_one(&admin).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let config = admin.with_database(&name);
+    let pool = db::connect(&config).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+
+    let result = measure(&pool, subjects).await;
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    result.report();
+}
+
+struct Figures {
+    subjects: u32,
+    rows: u64,
+    full: Duration,
+    copy: Duration,
+    incremental: Duration,
+    second_full: Duration,
+}
+
+impl Figures {
+    fn report(&self) {
+        let per_s = |n: f64, d: Duration| n / d.as_secs_f64();
+        let full_rows = per_s(self.rows as f64, self.full);
+        let copy_rows = per_s(self.rows as f64, self.copy);
+        println!(
+            "\nSync, OpenClinica 3.x simulator → Postgres sink ({} subjects, {} rows; one process)",
+            self.subjects, self.rows
+        );
+        println!(
+            "{:<52}{:>10}{:>14}{:>12}",
+            "step", "seconds", "rows/s", "ratio"
+        );
+        println!(
+            "{:<52}{:>10.2}{:>14.0}{:>12}",
+            "bare COPY of the same rows (ceiling)",
+            self.copy.as_secs_f64(),
+            copy_rows,
+            "1.00"
+        );
+        println!(
+            "{:<52}{:>10.2}{:>14.0}{:>12.2}",
+            format!(
+                "full sync ({:.0} subjects/s)",
+                per_s(f64::from(self.subjects), self.full)
+            ),
+            self.full.as_secs_f64(),
+            full_rows,
+            full_rows / copy_rows
+        );
+        println!("{:<52}{:>10}{:>14}{:>12}", "", "", "", "vs full");
+        for (what, d) in [
+            ("incremental sync, nothing changed", self.incremental),
+            ("second full sync, nothing changed", self.second_full),
+        ] {
+            println!(
+                "{:<52}{:>10.2}{:>14}{:>12.3}",
+                what,
+                d.as_secs_f64(),
+                "",
+                d.as_secs_f64() / self.full.as_secs_f64()
+            );
+        }
+        println!(
+            "targets: full sync rows/s ≥ 0.5 of COPY; incremental ≤ 0.1 of the full sync's time"
+        );
+    }
+}
+
+async fn measure(pool: &PgPool, subjects: u32) -> Figures {
+    let study = GeneratorConfig {
+        seed: 42,
+        subjects,
+        sites: 4,
+        ..GeneratorConfig::default()
+    };
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("oc-password");
+    std::fs::write(&secret, "bench-password").unwrap();
+    let sim = Simulator::start(SimConfig::new(
+        study.clone(),
+        "ocsync",
+        SecretString::from("bench-password"),
+    ))
+    .await
+    .unwrap();
+    let toml = format!(
+        r#"
+id = "BENCH"
+batch_size = 50
+default_site = "Main"
+
+[source]
+kind = "oc3"
+base_url = "{base}"
+study_oid = "{study}"
+username = "ocsync"
+password = {{ file = {secret:?} }}
+query = {{ include_audits = true }}
+
+[[specimens]]
+item_group_oid = "IG_SPECI_SAMPLES"
+label_item = "I_SPECI_BARCODE"
+type_item = "I_SPECI_TYPE"
+quantity_item = "I_SPECI_QTY"
+collection_time_item = "I_SPECI_COLLECTED"
+"#,
+        base = sim.base_url_oc3(),
+        study = study.study_oid,
+        secret = secret.display().to_string(),
+    );
+    let cp = CpConfig::from_toml(&toml, "bench.toml").unwrap();
+    let sources = SourceRegistry::new();
+    let sink = PostgresSink::new();
+    let cancel = CancellationToken::new();
+
+    let mut ctx = BenchRun("full".into(), cancel.clone());
+    let started = Instant::now();
+    let out = sync::run(pool, &sources, &cp, &Mode::All, &sink, &mut ctx)
+        .await
+        .unwrap();
+    let full = started.elapsed();
+    assert_ne!(out.result, RunResult::Aborted);
+    let c = out.progress.counts;
+    let rows =
+        c.participants.created + c.visits.created + c.specimens.created + c.form_records.created;
+
+    let copy = copy_ceiling(pool).await;
+
+    let mut ctx = BenchRun("incremental".into(), cancel.clone());
+    let started = Instant::now();
+    sync::run(pool, &sources, &cp, &Mode::Incremental, &sink, &mut ctx)
+        .await
+        .unwrap();
+    let incremental = started.elapsed();
+
+    let mut ctx = BenchRun("second".into(), cancel);
+    let started = Instant::now();
+    sync::run(pool, &sources, &cp, &Mode::All, &sink, &mut ctx)
+        .await
+        .unwrap();
+    let second_full = started.elapsed();
+
+    Figures {
+        subjects,
+        rows,
+        full,
+        copy,
+        incremental,
+        second_full,
+    }
+}
+
+/// Copies the rows the sync wrote out as text, empties the tables, and
+/// times `COPY … FROM STDIN` of those rows back in. Leaves the tables as
+/// they were.
+async fn copy_ceiling(pool: &PgPool) -> Duration {
+    use futures::TryStreamExt;
+    let mut dumps = Vec::new();
+    let mut conn = pool.acquire().await.unwrap();
+    for table in TABLES {
+        let mut out = conn
+            .copy_out_raw(&format!("COPY ocsync_data.{table} TO STDOUT"))
+            .await
+            .unwrap();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = out.try_next().await.unwrap() {
+            bytes.extend_from_slice(&chunk);
+        }
+        dumps.push(bytes);
+    }
+    for table in TABLES {
+        sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE ocsync_data.{table}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    for (table, bytes) in TABLES.iter().zip(&dumps) {
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY ocsync_data.{table} FROM STDIN"))
+            .await
+            .unwrap();
+        for chunk in bytes.chunks(1 << 20) {
+            copy.send(chunk).await.unwrap();
+        }
+        copy.finish().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    started.elapsed()
+}
