@@ -27,6 +27,7 @@ run: ## The demo: Postgres, OpenClinica simulator, a demo CP, API + worker, a fu
 	deploy/local/demo.sh
 
 test: ## Run every test (starts Postgres first; each test makes its own database).
+	@deploy/local/ensure-tools.sh
 	@server="$(PG_SERVER)"; \
 	export OCSYNC_TEST_DATABASE_URL="$${OCSYNC_TEST_DATABASE_URL:-$$server/postgres}"; \
 	$(CARGO) test --locked --all-targets

@@ -109,8 +109,16 @@ async fn run(subjects: u32, batch: usize) {
         db::migrate(&pool).await.unwrap();
         pool.close().await;
         let mut conn = db::connect_one(&config).await.unwrap();
-        sqlx::raw_sql("LOAD 'auto_explain'; SET auto_explain.log_min_duration = '8ms'; SET auto_explain.log_analyze = on; SET auto_explain.log_buffers = on; SET auto_explain.log_nested_statements = on").execute(&mut conn).await.unwrap(); // DEBUG-EXPLAIN
         measure(&mut conn, &records, rows, batch).await;
+        let o = &config.options;
+        if o.get_socket().is_none() && !o.get_host().starts_with('/') {
+            println!(
+                "note: measured over TCP. sqlx 0.9.0 leaves Nagle's algorithm on (sqlx issue #4335), so a \
+                 statement larger than one TCP segment can wait ~40 ms for a delayed ACK. Over a Unix \
+                 socket (OCSYNC_TEST_DATABASE_URL=postgres://postgres@localhost/postgres?host=/var/run/postgresql) \
+                 there is no such stall."
+            );
+        }
         conn.close().await.unwrap();
     };
     result.await;
@@ -396,22 +404,22 @@ fn copy_text(records: &[SubjectRecords]) -> Vec<(&'static str, String)> {
             );
         }
     }
-    let mut out = Vec::new();
-    out.push((
-        "COPY ocsync_data.participants (cp_id, subject_key, ppid, study_oid, site, uid, birth_date, gender, registration_date, oc_status, status, fields) FROM STDIN",
-        p,
-    ));
-    out.push((
-        "COPY ocsync_data.visits (cp_id, subject_key, event_oid, event_repeat_key, event_label, name, visit_date, end_date, site, oc_status, status) FROM STDIN",
-        v,
-    ));
-    out.push((
-        "COPY ocsync_data.specimens (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, label, specimen_type, quantity, collection_time, fields, status) FROM STDIN",
-        s,
-    ));
-    out.push((
-        "COPY ocsync_data.form_records (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, form_oid, form_version, form_status, status, values, item_names) FROM STDIN",
-        f,
-    ));
-    out
+    vec![
+        (
+            "COPY ocsync_data.participants (cp_id, subject_key, ppid, study_oid, site, uid, birth_date, gender, registration_date, oc_status, status, fields) FROM STDIN",
+            p,
+        ),
+        (
+            "COPY ocsync_data.visits (cp_id, subject_key, event_oid, event_repeat_key, event_label, name, visit_date, end_date, site, oc_status, status) FROM STDIN",
+            v,
+        ),
+        (
+            "COPY ocsync_data.specimens (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, label, specimen_type, quantity, collection_time, fields, status) FROM STDIN",
+            s,
+        ),
+        (
+            "COPY ocsync_data.form_records (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, form_oid, form_version, form_status, status, values, item_names) FROM STDIN",
+            f,
+        ),
+    ]
 }

@@ -11,6 +11,11 @@
 -- synced. A run that finds a row unchanged does not write it at all (no
 -- "last seen" timestamp is bumped), so a second sync of an unchanged study
 -- writes nothing.
+--
+-- Secondary indexes do not start with cp_id: on tables without statistics
+-- yet (a first sync fills them faster than autovacuum analyses them) the
+-- planner would take such an index for the primary key's cp_id prefix and
+-- scan a whole CP per batch.
 
 CREATE TABLE ocsync_data.participants (
     cp_id             text        NOT NULL,

@@ -12,6 +12,10 @@
 //! | `DATABASE_MAX_CONNECTIONS` | `10` | Pool size per process (1–1000). |
 //! | `DATABASE_CONNECT_TIMEOUT_SECS` | `5` | How long to wait for a connection before failing (1–600). |
 //! | `API_LISTEN` | `0.0.0.0:8080` | Address the HTTP API binds (`host:port`). |
+//! | `API_MAX_BODY_BYTES` | `65536` | Largest request body the API reads; larger ones get 413 (1024–16777216). |
+//! | `API_MAX_SUBJECTS` | `1000` | Most subjects one `subjects` run may list; more get 422 (1–100000). |
+//! | `API_PAGE_LIMIT_MAX` | `1000` | Largest `limit` a list request may ask for; larger ones get 422 (1–1000). |
+//! | `METRICS_LISTEN` | `0.0.0.0:9464` | Address of the metrics and probe server (`/metrics`, `/healthz`, `/readyz`) that `serve`, `worker` and `api` start (`host:port`). |
 //! | `RUST_LOG` | `info,sqlx=warn` | Log filter, in `tracing-subscriber`'s `EnvFilter` syntax. |
 //! | `LOG_FORMAT` | `text` | `text` (human, coloured on a terminal) or `json` (one object per line). |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`); traces are exported only when set. |
@@ -67,6 +71,7 @@ impl ConfigError {
 pub struct Config {
     pub database: DatabaseConfig,
     pub api: ApiConfig,
+    pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
     pub queue: QueueConfig,
 }
@@ -84,6 +89,7 @@ impl Config {
             telemetry: TelemetryConfig::from_lookup(env)?,
             database: DatabaseConfig::from_lookup(env)?,
             api: ApiConfig::from_lookup(env)?,
+            metrics: MetricsConfig::from_lookup(env)?,
             queue: QueueConfig::from_lookup(env)?,
         })
     }
@@ -296,12 +302,41 @@ fn parse_database_url(raw: &str) -> Result<PgConnectOptions, String> {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// Request bodies larger than this are refused (413) before parsing.
+    pub max_body_bytes: usize,
+    /// The longest subject list one run may carry (422 beyond).
+    pub max_subjects: usize,
+    /// The largest page a list request may ask for (422 beyond).
+    pub page_limit_max: u32,
 }
 
 impl ApiConfig {
+    /// Every default, without reading the environment.
+    pub fn defaults() -> Self {
+        Self::from_lookup(&Env::Fixed(Default::default())).expect("the defaults are valid")
+    }
+
     pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             listen: env.parse_or("API_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            max_body_bytes: env.ranged("API_MAX_BODY_BYTES", 65_536, 1024..=16_777_216)? as usize,
+            max_subjects: env.ranged("API_MAX_SUBJECTS", 1000, 1..=100_000)? as usize,
+            page_limit_max: env.ranged("API_PAGE_LIMIT_MAX", 1000, 1..=1000)? as u32,
+        })
+    }
+}
+
+/// The metrics and probe server every long-running process starts.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Not Prometheus's own 9090, so both can run on one host.
+    pub listen: SocketAddr,
+}
+
+impl MetricsConfig {
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: env.parse_or("METRICS_LISTEN", SocketAddr::from(([0, 0, 0, 0], 9464)))?,
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod cp;
 pub mod db;
 pub mod mapping;
+pub mod metrics;
 pub mod odm;
 pub mod openclinica;
 pub mod queue;

@@ -75,6 +75,9 @@ enum Command {
         /// The run's id.
         id: String,
     },
+    /// Manage API tokens: create (prints the token once), list, revoke.
+    #[command(subcommand)]
+    Token(ocsync::api::tokens::TokenCommand),
 }
 
 #[derive(Subcommand)]
@@ -162,25 +165,35 @@ fn main() -> ExitCode {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot bind API_LISTEN={}: {e}", config.api.listen)
                 })?;
-            api::serve(
-                listener,
-                api::AppState { pool },
-                &config.queue,
-                shutdown_signal(),
-            )
-            .await?;
+            let _metrics = with_metrics(&config).await?.drop_guard();
+            api::serve(listener, api::AppState { pool }, &config, shutdown_signal()).await?;
             Ok(())
         }),
-        Command::Worker(args) => {
-            with_exit_code(|config| ocsync::queue::cli::worker(config, args, shutdown_signal()))
-        }
-        Command::Serve => {
-            with_exit_code(|config| ocsync::queue::cli::serve(config, shutdown_signal()))
-        }
+        Command::Worker(args) => with_exit_code(|config| async move {
+            let _metrics = with_metrics(&config).await?.drop_guard();
+            ocsync::queue::cli::worker(config, args, shutdown_signal()).await
+        }),
+        Command::Serve => with_exit_code(|config| async move {
+            let _metrics = with_metrics(&config).await?.drop_guard();
+            ocsync::queue::cli::serve(config, shutdown_signal()).await
+        }),
         Command::Sync(args) => with_exit_code(|config| ocsync::queue::cli::sync(config, args)),
         Command::Runs(cmd) => with_exit_code(|config| ocsync::queue::cli::runs_cmd(config, cmd)),
         Command::Abort { id } => with_exit_code(|config| ocsync::queue::cli::abort(config, id)),
+        Command::Token(cmd) => with_exit_code(|config| ocsync::api::tokens::cli(config, cmd)),
     }
+}
+
+/// Starts the metrics and probe server (METRICS_LISTEN) of a long-running
+/// command; cancelling the token stops it. It has a pool of its own (two
+/// connections), so scrapes never wait behind the work they observe.
+async fn with_metrics(config: &Config) -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let mut db = config.database.clone();
+    db.max_connections = 2;
+    let pool = db::connect(&db).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    ocsync::metrics::spawn(config, pool, stop.clone());
+    Ok(stop)
 }
 
 /// [`with_runtime`] for commands whose success has several exit statuses

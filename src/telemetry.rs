@@ -92,3 +92,32 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     }
     Ok(Telemetry { provider })
 }
+
+/// The job metadata key that carries the enqueuing span's trace context
+/// (the key apalis's own `opentelemetry` feature uses).
+pub const TRACE_CONTEXT_KEY: &str = "apalis_core.tracing.context";
+
+/// The current span's W3C trace context as JSON (`{"traceparent": …}`), to
+/// store with a job; `None` when there is no sampled span to link to.
+pub fn trace_carrier() -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::<String, String>::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
+    if carrier.is_empty() {
+        return None;
+    }
+    serde_json::to_string(&carrier).ok()
+}
+
+/// Makes `span` a child of the context in `carrier` (from
+/// [`trace_carrier`]), so a run's spans join the trace of the request that
+/// enqueued it. A malformed carrier is ignored: tracing must never fail a run.
+pub fn set_parent_from(span: &tracing::Span, carrier: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Ok(map) = serde_json::from_str::<std::collections::HashMap<String, String>>(carrier) else {
+        return;
+    };
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&map));
+    let _ = span.set_parent(parent);
+}

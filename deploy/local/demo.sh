@@ -91,6 +91,10 @@ else
 fi
 "$bin" cp validate DEMO || true
 
+echo "== an API token for the demo (role operator)"
+token=$("$bin" token create "demo-$(date +%s)" --role operator | grep -o 'ocs_[0-9a-f]*' | head -n 1)
+[ -n "$token" ] || { echo "demo: could not create an API token" >&2; exit 1; }
+
 echo "== ocsync serve (API on http://127.0.0.1:$api_port, worker, schedule)"
 "$bin" serve >"$dir/serve.log" 2>&1 &
 pids+=($!)
@@ -106,8 +110,9 @@ echo
 echo
 cat <<MSG
 == where to look
-  Import log (API):   curl http://127.0.0.1:$api_port/api/v1/runs/$run
-  Error report (CSV): curl http://127.0.0.1:$api_port/api/v1/runs/$run/errors.csv
+  Import log (API):   curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/runs/$run
+  Error report (CSV): curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/runs/$run/errors.csv
+  API description:    curl http://127.0.0.1:$api_port/api/openapi.json
   Import logs (SQL):  psql "$DATABASE_URL" -c 'SELECT * FROM ocsync.import_logs'
   The data (SQL):     psql "$DATABASE_URL" -c 'SELECT ppid, site, gender FROM ocsync_data.participants LIMIT 5'
   Logs:               $dir/serve.log, $dir/oc-sim.log

@@ -1450,12 +1450,22 @@ fn short(name: &[u8]) -> String {
     }
 }
 
+/// How many of the document's first bytes are read ahead to tell its
+/// encoding: a UTF-8 byte order mark and the start of a second one.
+const HEAD: usize = 6;
+
 /// Counts bytes consumed since the last event and refuses to hand out more
-/// once a single event exceeds [`MAX_TOKEN`].
+/// once a single event exceeds [`MAX_TOKEN`]. It also holds the document's
+/// first bytes, read ahead (whatever the input's buffer size) so the
+/// encoding is told from the same bytes every time, and hands them out
+/// before the rest.
 pub(crate) struct Guard<R> {
     inner: R,
     used: usize,
     tripped: bool,
+    head: [u8; HEAD],
+    head_len: usize,
+    head_pos: usize,
 }
 
 impl<R> Guard<R> {
@@ -1464,7 +1474,24 @@ impl<R> Guard<R> {
             inner,
             used: 0,
             tripped: false,
+            head: [0; HEAD],
+            head_len: 0,
+            head_pos: 0,
         }
+    }
+
+    /// The read-ahead bytes not yet handed out.
+    fn head_rest(&self) -> &[u8] {
+        &self.head[self.head_pos..self.head_len]
+    }
+
+    /// Takes up to `buf.len()` read-ahead bytes; 0 once they are gone.
+    fn take_head(&mut self, buf: &mut [u8]) -> usize {
+        let rest = self.head_rest();
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.head_pos += n;
+        n
     }
 
     fn reset(&mut self) {
@@ -1485,7 +1512,10 @@ fn too_large() -> io::Error {
 
 impl<R: io::Read> io::Read for Guard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
+        match self.take_head(buf) {
+            0 => self.inner.read(buf),
+            n => Ok(n),
+        }
     }
 }
 
@@ -1494,12 +1524,21 @@ impl<R: BufRead> BufRead for Guard<R> {
         if self.over() {
             return Err(too_large());
         }
+        if self.head_pos < self.head_len {
+            return Ok(&self.head[self.head_pos..self.head_len]);
+        }
         self.inner.fill_buf()
     }
 
     fn consume(&mut self, amt: usize) {
         self.used += amt;
-        self.inner.consume(amt);
+        // `fill_buf` hands out read-ahead bytes alone, so a consume covers
+        // either those or the inner buffer, never both.
+        if self.head_pos < self.head_len {
+            self.head_pos += amt;
+        } else {
+            self.inner.consume(amt);
+        }
     }
 }
 
@@ -1509,7 +1548,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for Guard<R> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.head_pos < this.head_len {
+            let rest = this.head_rest();
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.head_pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -1519,13 +1566,20 @@ impl<R: AsyncBufRead + Unpin> AsyncBufRead for Guard<R> {
         if this.over() {
             return Poll::Ready(Err(too_large()));
         }
+        if this.head_pos < this.head_len {
+            return Poll::Ready(Ok(&this.head[this.head_pos..this.head_len]));
+        }
         Pin::new(&mut this.inner).poll_fill_buf(cx)
     }
 
     fn consume(self: Pin<&mut Self>, amt: usize) {
         let this = self.get_mut();
         this.used += amt;
-        Pin::new(&mut this.inner).consume(amt);
+        if this.head_pos < this.head_len {
+            this.head_pos += amt;
+        } else {
+            Pin::new(&mut this.inner).consume(amt);
+        }
     }
 }
 
@@ -1578,13 +1632,30 @@ macro_rules! next_record_impl {
         if !$self.started {
             $self.started = true;
             let guard = $self.xml.get_mut();
-            let head = match guard.inner.$fill() $(.$await)? {
-                Ok(head) => head,
-                Err(source) => {
-                    $self.finished = true;
-                    return Err(OdmError::Io { at: Position { line: 1, column: 1, offset: 0 }, source });
+            // Read the first bytes ahead, across as many reads as a small
+            // buffer needs, so the encoding is told the same way whatever
+            // the input's buffer size.
+            while guard.head_len < HEAD {
+                let chunk = match guard.inner.$fill() $(.$await)? {
+                    Ok(chunk) => chunk,
+                    Err(source) => {
+                        $self.finished = true;
+                        return Err(OdmError::Io {
+                            at: Position { line: 1, column: 1, offset: guard.head_len as u64 },
+                            source,
+                        });
+                    }
+                };
+                if chunk.is_empty() {
+                    break;
                 }
-            };
+                let n = chunk.len().min(HEAD - guard.head_len);
+                let start = guard.head_len;
+                guard.head[start..start + n].copy_from_slice(&chunk[..n]);
+                guard.head_len += n;
+                guard.inner.consume(n);
+            }
+            let head = &guard.head[..guard.head_len];
             match sniff(head) {
                 Sniff::Plain => {}
                 Sniff::Wide => {
@@ -1592,12 +1663,9 @@ macro_rules! next_record_impl {
                     return Err(OdmError::Utf16 { at: Position { line: 1, column: 1, offset: 0 } });
                 }
                 Sniff::Bom => {
-                    guard.inner.consume(3);
-                    $self.core.base = 3;
-                    $self.core.prolog_start = 3;
                     // quick-xml strips one more BOM if it finds one; a second
                     // BOM is text before the root, so refuse it here.
-                    if let Ok(next) = guard.inner.$fill() $(.$await)? && next.starts_with(BOM) {
+                    if head[3..].starts_with(BOM) {
                         $self.finished = true;
                         return Err(OdmError::Syntax {
                             at: Position { line: 1, column: 4, offset: 3 },
@@ -1605,6 +1673,9 @@ macro_rules! next_record_impl {
                             found: "a second byte order mark".to_owned(),
                         });
                     }
+                    guard.head_pos = 3;
+                    $self.core.base = 3;
+                    $self.core.prolog_start = 3;
                 }
             }
         }

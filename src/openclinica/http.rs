@@ -126,63 +126,77 @@ impl Server {
             .await
             .expect("the semaphore is never closed");
         let backoff = || retry::backoff(&self.net.retry, attempt.n);
-        let (err, delay) =
-            match tokio::time::timeout(self.net.response_timeout(), build().send()).await {
-                Ok(Ok(response)) if !status_is_transient(response.status()) => {
-                    return Ok(Outcome::Done(Sent {
-                        response,
-                        permit,
-                        attempt,
-                    }));
-                }
-                Ok(Ok(response)) => {
-                    let delay = retry::retry_after(response.headers(), SystemTime::now())
-                        .unwrap_or_else(backoff);
-                    let err = OcError::Status {
-                        server: self.origin.clone(),
-                        method: method_name,
-                        path: path.to_owned(),
-                        status: response.status(),
-                        attempt,
-                    };
-                    (err, delay)
-                }
-                Ok(Err(e)) if e.is_builder() || e.is_redirect() => {
-                    return Err(self.unexpected(
-                        url,
-                        format!("request could not be built: {}", e.without_url()),
-                    ));
-                }
-                Ok(Err(e)) => {
-                    let what = if e.is_connect() {
-                        "could not connect"
-                    } else if e.is_timeout() {
-                        "timed out"
-                    } else {
-                        "request failed"
-                    };
-                    let err = OcError::Send {
-                        server: self.origin.clone(),
-                        method: method_name,
-                        path: path.to_owned(),
-                        what: what.to_owned(),
-                        attempt,
-                        source: Some(e.without_url()),
-                    };
-                    (err, backoff())
-                }
-                Err(_elapsed) => {
-                    let err = OcError::Send {
-                        server: self.origin.clone(),
-                        method: method_name,
-                        path: path.to_owned(),
-                        what: format!("no response within {} ms", self.net.response_timeout_ms),
-                        attempt,
-                        source: None,
-                    };
-                    (err, backoff())
-                }
-            };
+        let sent_at = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.net.response_timeout(), build().send()).await;
+        crate::metrics::upstream_request(
+            crate::metrics::Upstream::OpenClinica,
+            sent_at.elapsed(),
+            answer
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref().ok())
+                .map(|r| r.status().as_u16()),
+            answer.is_err()
+                || answer
+                    .as_ref()
+                    .is_ok_and(|r| r.as_ref().is_err_and(|e| e.is_timeout())),
+        );
+        let (err, delay) = match answer {
+            Ok(Ok(response)) if !status_is_transient(response.status()) => {
+                return Ok(Outcome::Done(Sent {
+                    response,
+                    permit,
+                    attempt,
+                }));
+            }
+            Ok(Ok(response)) => {
+                let delay = retry::retry_after(response.headers(), SystemTime::now())
+                    .unwrap_or_else(backoff);
+                let err = OcError::Status {
+                    server: self.origin.clone(),
+                    method: method_name,
+                    path: path.to_owned(),
+                    status: response.status(),
+                    attempt,
+                };
+                (err, delay)
+            }
+            Ok(Err(e)) if e.is_builder() || e.is_redirect() => {
+                return Err(self.unexpected(
+                    url,
+                    format!("request could not be built: {}", e.without_url()),
+                ));
+            }
+            Ok(Err(e)) => {
+                let what = if e.is_connect() {
+                    "could not connect"
+                } else if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "request failed"
+                };
+                let err = OcError::Send {
+                    server: self.origin.clone(),
+                    method: method_name,
+                    path: path.to_owned(),
+                    what: what.to_owned(),
+                    attempt,
+                    source: Some(e.without_url()),
+                };
+                (err, backoff())
+            }
+            Err(_elapsed) => {
+                let err = OcError::Send {
+                    server: self.origin.clone(),
+                    method: method_name,
+                    path: path.to_owned(),
+                    what: format!("no response within {} ms", self.net.response_timeout_ms),
+                    attempt,
+                    source: None,
+                };
+                (err, backoff())
+            }
+        };
         // The slot is freed here, before the caller waits: a backoff is
         // not work.
         drop(permit);

@@ -96,12 +96,12 @@ pub async fn serve(
     let api_stop = stop.clone();
     let api = {
         let pool = pool.clone();
-        let queue = config.queue.clone();
+        let config = config.clone();
         tokio::spawn(async move {
             crate::api::serve(
                 listener,
                 crate::api::AppState { pool },
-                &queue,
+                &config,
                 async move { api_stop.cancelled().await },
             )
             .await

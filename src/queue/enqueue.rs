@@ -35,12 +35,17 @@ pub enum EnqueueError {
     Database(#[from] sqlx::Error),
 }
 
-/// Enqueues a run; returns its id.
+/// Enqueues a run; returns its id. The run carries this span's trace
+/// context in its metadata, so its spans join the caller's trace.
+#[tracing::instrument(name = "queue.enqueue", skip_all, fields(cp.id = %req.cp))]
 pub async fn enqueue(pool: &PgPool, req: &EnqueueRequest) -> Result<String, EnqueueError> {
     let subjects = match &req.mode {
         Mode::Subjects { subjects } => Some(subjects.clone()),
         _ => None,
     };
+    // One transaction, so no worker can take the run before its trace
+    // context is stored (the NOTIFY that wakes workers fires at commit).
+    let mut tx = pool.begin().await?;
     let result: Result<String, sqlx::Error> =
         sqlx::query_scalar("SELECT ocsync.enqueue_sync($1, $2, $3, $4, $5, $6)")
             .bind(&req.cp)
@@ -49,8 +54,17 @@ pub async fn enqueue(pool: &PgPool, req: &EnqueueRequest) -> Result<String, Enqu
             .bind(req.trigger.as_str())
             .bind(&req.requested_by)
             .bind(req.max_attempts as i32)
-            .fetch_one(pool)
+            .fetch_one(&mut *tx)
             .await;
+    let result = match result {
+        Ok(id) => store_trace_context(tx, id).await,
+        Err(e) => {
+            // Give the connection back before `classify` asks for another:
+            // under many concurrent refusals the pool would run dry.
+            drop(tx);
+            Err(e)
+        }
+    };
     match result {
         Ok(id) => {
             tracing::info!(run.id = %id, cp.id = %req.cp, mode = %req.mode, trigger = %req.trigger, "run enqueued");
@@ -58,6 +72,23 @@ pub async fn enqueue(pool: &PgPool, req: &EnqueueRequest) -> Result<String, Enqu
         }
         Err(e) => Err(classify(pool, &req.cp, e).await),
     }
+}
+
+/// Stores the current span's trace context with the new run and commits.
+async fn store_trace_context(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    id: String,
+) -> Result<String, sqlx::Error> {
+    if let Some(carrier) = crate::telemetry::trace_carrier() {
+        sqlx::query("UPDATE apalis.jobs SET metadata = metadata || hstore($2, $3) WHERE id = $1")
+            .bind(&id)
+            .bind(crate::telemetry::TRACE_CONTEXT_KEY)
+            .bind(carrier)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
 }
 
 /// Turns the SQL function's errors into ours.

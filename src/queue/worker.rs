@@ -224,6 +224,17 @@ async fn handle(
     let me = worker.name().to_owned();
     let attempt = attempt.current() as i32;
     let span = tracing::info_span!("queue.run", run.id = %run_id, cp.id = %job.cp, attempt);
+    // Join the trace of the request that enqueued the run.
+    if let Ok(Some(carrier)) = sqlx::query_scalar::<_, Option<String>>(
+        "SELECT metadata -> $2 FROM apalis.jobs WHERE id = $1",
+    )
+    .bind(&run_id)
+    .bind(crate::telemetry::TRACE_CONTEXT_KEY)
+    .fetch_one(&deps.pool)
+    .await
+    {
+        crate::telemetry::set_parent_from(&span, &carrier);
+    }
     let _enter = span.enter();
     drop(_enter);
     let deps: &Deps = &deps;
@@ -234,6 +245,7 @@ async fn handle(
     )
     .await;
     deps.aborts.remove(&run_id);
+    crate::metrics::run_attempt_ended(&deps.pool, &run_id, result.is_ok(), attempt).await;
     result
 }
 

@@ -205,6 +205,7 @@ pub async fn run<S: Sink, C: RunContext>(
                     &mut seen,
                     batch,
                 )
+                .instrument(tracing::info_span!("sync.batch"))
                 .await?;
                 if control == Control::Stop {
                     return Ok(aborted(progress));
@@ -286,6 +287,7 @@ async fn write_batch<S: Sink, C: RunContext>(
     seen: &mut SeenMarks,
     batch: Vec<Item>,
 ) -> Result<Control, SyncError> {
+    let batch_started = std::time::Instant::now();
     let cp_id = cp.id.as_str();
     let incremental = matches!(mode, Mode::Incremental);
     let keys: Vec<String> = batch
@@ -415,6 +417,7 @@ async fn write_batch<S: Sink, C: RunContext>(
     };
     let control = ctx.checkpoint(&mut tx, progress).await?;
     tx.commit().await?;
+    crate::metrics::batch_committed(cp_id, n, &counts, batch_started.elapsed());
     tracing::debug!(
         subjects.done = progress.subjects_done,
         errors = progress.errors,

@@ -1,11 +1,13 @@
 //! The one integration-test binary. Each module tests one capability
 //! against the real Postgres and the real `ocsync` binary.
 
+mod api;
 mod cli;
 mod cp;
 mod db;
 mod docs;
 mod harness;
+mod observability;
 mod oc_sim;
 mod odm;
 mod openclinica;

@@ -1446,7 +1446,14 @@ fn apply(mut xml: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // A fixed seed: CI explores the same 256 cases every time, so a red run
+    // is a regression, never bad luck. Set PROPTEST_CASES (and change the
+    // seed) to explore further locally.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x6f63_7379_6e63),
+        ..ProptestConfig::default()
+    })]
 
     /// Mutated documents never panic or hang, and every path agrees on
     /// acceptance, records and the exact error.
@@ -1463,4 +1470,29 @@ proptest! {
 fn the_seed_document_of_the_property_test_is_valid() {
     let (_, stats) = read(&seed_document()).unwrap();
     assert_eq!((stats.items, stats.null_items, stats.audit_logs), (2, 1, 1));
+}
+
+#[test]
+fn the_encoding_is_told_the_same_way_whatever_the_buffer_size() {
+    // `read` insists that one-byte, seven-byte, large and async buffers
+    // agree; a byte order mark split across reads once fooled the sniffing.
+    for (doc, want) in [
+        (
+            &b"\xFF\xFE<\x00O\x00"[..],
+            "line 1, column 1 (byte 0): the document is UTF-16",
+        ),
+        (
+            &b"\xFE\xFF\x00<\x00O"[..],
+            "line 1, column 1 (byte 0): the document is UTF-16",
+        ),
+        (
+            &b"\xEF\xBB\xBF\xEF\xBB\xBF<ODM/>"[..],
+            "a second byte order mark",
+        ),
+    ] {
+        let err = read(doc).unwrap_err();
+        assert!(err.contains(want), "{doc:?}: {err}");
+    }
+    let ok = b"\xEF\xBB\xBF<ODM xmlns=\"http://www.cdisc.org/ns/odm/v1.3\" ODMVersion=\"1.3\"/>";
+    assert!(read(ok).is_ok(), "{:?}", read(ok));
 }

@@ -179,6 +179,25 @@ async fn sql_enqueue(pool: &PgPool, cp: &str) -> Result<String, sqlx::Error> {
         .await
 }
 
+/// The API router with an operator token sent on every request.
+async fn operator_api(pool: &PgPool) -> axum::Router {
+    let token =
+        ocsync::api::tokens::create(pool, "queue-tests", ocsync::api::tokens::Role::Operator)
+            .await
+            .unwrap();
+    let bearer = axum::http::HeaderValue::try_from(format!("Bearer {token}")).unwrap();
+    router(AppState { pool: pool.clone() }).layer(axum::middleware::map_request(
+        move |mut req: Request<Body>| {
+            let bearer = bearer.clone();
+            async move {
+                req.headers_mut()
+                    .insert(axum::http::header::AUTHORIZATION, bearer);
+                req
+            }
+        },
+    ))
+}
+
 async fn post(app: axum::Router, path: &str, body: &str) -> (StatusCode, serde_json::Value) {
     let req = Request::post(path)
         .header("content-type", "application/json")
@@ -218,9 +237,7 @@ async fn data_rows(pool: &PgPool) -> BTreeSet<String> {
 #[tokio::test]
 async fn fifty_concurrent_enqueues_for_one_cp_accept_exactly_one() {
     let (t, _dir) = with_cp("CP-U", 3, 10).await;
-    let app = router(AppState {
-        pool: t.pool.clone(),
-    });
+    let app = operator_api(&t.pool).await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let pool = t.pool.clone();
@@ -267,7 +284,7 @@ async fn fifty_concurrent_enqueues_for_one_cp_accept_exactly_one() {
     assert_eq!(active.as_deref(), Some(won[0].as_str()));
     let (status, body) = post(app.clone(), "/api/v1/cps/CP-U/runs", "{}").await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(body["status"], "Queued");
+    assert_eq!(body["run_status"], "Queued");
     let (status, _) = post(app, "/api/v1/cps/NOPE/runs", "{}").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // The guard index exists and is re-asserted idempotently.
@@ -301,9 +318,7 @@ async fn a_queued_run_aborts_at_once_and_frees_the_cp() {
     assert_eq!(status, "Aborted");
     let second = sql_enqueue(&t.pool, "CP-Q").await.unwrap();
     // Through the API too.
-    let app = router(AppState {
-        pool: t.pool.clone(),
-    });
+    let app = operator_api(&t.pool).await;
     let (status, body) = post(app.clone(), &format!("/api/v1/runs/{second}/abort"), "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "Aborted");

@@ -383,7 +383,22 @@ impl OsClient {
                 let bytes = read_capped(response).await?;
                 Ok::<_, reqwest::Error>((status, retry_after, bytes))
             };
-            let (err, delay) = match tokio::time::timeout(self.response_timeout, exchange).await {
+            let sent_at = std::time::Instant::now();
+            let answer = tokio::time::timeout(self.response_timeout, exchange).await;
+            crate::metrics::upstream_request(
+                crate::metrics::Upstream::OpenSpecimen,
+                sent_at.elapsed(),
+                answer
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.as_ref().ok())
+                    .map(|(status, ..)| status.as_u16()),
+                answer.is_err()
+                    || answer
+                        .as_ref()
+                        .is_ok_and(|r| r.as_ref().is_err_and(|e| e.is_timeout())),
+            );
+            let (err, delay) = match answer {
                 Ok(Ok((status, _, bytes))) if !status_is_transient(status) => {
                     return Ok((status, bytes));
                 }
