@@ -39,7 +39,8 @@ mod files;
 mod http;
 mod oc3;
 mod oc4;
-mod retry;
+// Shared with the OpenSpecimen client, which retries the same way.
+pub(crate) mod retry;
 pub mod sim;
 mod source;
 

@@ -31,8 +31,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use rand::Rng;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -41,12 +40,10 @@ use url::Url;
 
 use super::config::{OpenSpecimenConfig, RetryPolicy};
 use super::error::{Attempt, Origin, OsError, os_message, status_is_transient};
+use crate::openclinica::retry::{backoff, retry_after};
 
 /// The header OpenSpecimen reads its session token from.
 pub const TOKEN_HEADER: &str = "X-OS-API-TOKEN";
-
-/// The longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// Responses larger than this are refused: OpenSpecimen's answers to the
 /// calls made here are single records or short lists.
@@ -497,58 +494,9 @@ fn method_name(method: &Method) -> &'static str {
     }
 }
 
-/// A random delay in `[0, min(base · 2^(attempt-1), max)]`: full jitter
-/// spreads the retries of concurrent requests.
-pub(crate) fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    let factor = 1u64 << attempt.saturating_sub(1).min(32);
-    let ceiling = policy
-        .base_delay_ms
-        .saturating_mul(factor)
-        .min(policy.max_delay_ms);
-    Duration::from_millis(rand::rng().random_range(0..=ceiling))
-}
-
-/// `Retry-After` as delta-seconds or an HTTP date, capped.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let wait = if let Ok(secs) = value.parse::<u64>() {
-        Duration::from_secs(secs)
-    } else {
-        let at = httpdate::parse_http_date(value).ok()?;
-        at.duration_since(now).unwrap_or(Duration::ZERO)
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_stays_under_its_ceiling() {
-        let p = RetryPolicy {
-            max_attempts: 5,
-            base_delay_ms: 100,
-            max_delay_ms: 300,
-        };
-        for attempt in 1..10 {
-            for _ in 0..20 {
-                assert!(backoff(&p, attempt) <= Duration::from_millis(300));
-            }
-        }
-        assert!(backoff(&p, 1) <= Duration::from_millis(100));
-    }
-
-    #[test]
-    fn retry_after_is_read_and_capped() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut h = HeaderMap::new();
-        assert_eq!(retry_after(&h, now), None);
-        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(3)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("99999999"));
-        assert_eq!(retry_after(&h, now), Some(MAX_RETRY_AFTER));
-    }
 
     #[test]
     fn urls_encode_each_segment() {
