@@ -1,7 +1,7 @@
 //! The job queue on the real Postgres with real `ocsync worker` processes:
 //! uniqueness under concurrent enqueues, SQL-enqueued runs, abort (queued
 //! and running), SIGKILL and SIGTERM of a worker mid-run, the schedule
-//! across replicas, retention. No sleeps to wait for work: every wait polls
+//! across replicas, retention, retries of transient failures. No sleeps to wait for work: every wait polls
 //! the database against a deadline.
 
 use std::collections::BTreeSet;
@@ -595,4 +595,105 @@ async fn retention_prunes_old_finished_runs_and_their_error_rows() {
         .await
         .unwrap();
     assert_eq!(errors, vec![recent.clone()]);
+}
+
+/// A CP reading the OpenClinica simulator over OC 3.x REST, with a quick
+/// client retry policy, and the simulator itself.
+async fn oc_cp(id: &str, dir: &Path) -> (TestDb, ocsync::openclinica::sim::SimHandle) {
+    use ocsync::openclinica::sim::{SimConfig, Simulator};
+    let t = TestDb::migrated().await;
+    let study = GeneratorConfig {
+        seed: 21,
+        subjects: 6,
+        sites: 1,
+        ..GeneratorConfig::default()
+    };
+    let sim = Simulator::start(SimConfig::new(
+        study.clone(),
+        "ocsync",
+        secrecy::SecretString::from("oc-pw"),
+    ))
+    .await
+    .unwrap();
+    let secret = dir.join("oc-password");
+    std::fs::write(&secret, "oc-pw").unwrap();
+    let toml = format!(
+        r#"
+id = "{id}"
+batch_size = 2
+default_site = "Main"
+
+[source]
+kind = "oc3"
+base_url = "{base}"
+study_oid = "{study}"
+username = "ocsync"
+password = {{ file = {secret:?} }}
+network = {{ retry = {{ max_attempts = 2, base_delay_ms = 1, max_delay_ms = 5 }} }}
+"#,
+        base = sim.base_url_oc3(),
+        study = study.study_oid,
+        secret = secret.display().to_string(),
+    );
+    store::add(&t.pool, &CpConfig::from_toml(&toml, "oc.toml").unwrap())
+        .await
+        .unwrap();
+    (t, sim)
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_and_then_succeeds_or_fails_with_its_reason() {
+    use ocsync::openclinica::sim::Faults;
+    let dir = tempfile::tempdir().unwrap();
+    let (t, sim) = oc_cp("CP-R", dir.path()).await;
+    let _w = Worker::spawn(&t, dir.path(), "r");
+
+    // OpenClinica answers 503 to the first two requests: the client's two
+    // tries of the first attempt fail, the run goes back to the queue, and
+    // its second attempt completes.
+    sim.set_faults(Faults {
+        error_next: 2,
+        error_status: 503,
+        ..Faults::default()
+    })
+    .unwrap();
+    let id: String =
+        sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP-R', 'all', NULL, 'sql', 'test', 3)")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    let r = wait_until(&t.pool, &id, dir.path(), "the retried run", |r| {
+        r.status.is_terminal()
+    })
+    .await;
+    assert_eq!(r.status, RunStatus::Success, "{r:#?}");
+    assert_eq!(r.attempts, 2, "one failed attempt, one good one: {r:#?}");
+    assert_eq!(r.subjects_done, Some(6));
+
+    // OpenClinica stays down: every attempt fails, then the run ends
+    // Failed with the reason (server, path, status) in its error report.
+    sim.set_faults(Faults {
+        error_every: 1,
+        error_status: 503,
+        ..Faults::default()
+    })
+    .unwrap();
+    let id: String =
+        sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP-R', 'all', NULL, 'sql', 'test', 2)")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    let r = wait_until(&t.pool, &id, dir.path(), "the failing run", |r| {
+        r.status.is_terminal()
+    })
+    .await;
+    assert_eq!(r.status, RunStatus::Failed, "{r:#?}");
+    assert_eq!(r.attempts, 2, "{r:#?}");
+    let mut csv = Vec::new();
+    ocsync::sync::write_error_report(&t.pool, &id, &mut csv)
+        .await
+        .unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.contains("HTTP 503"), "{csv}");
+    assert!(csv.contains("/OpenClinica/rest/"), "{csv}");
 }
