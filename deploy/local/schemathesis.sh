@@ -17,6 +17,8 @@ say() { printf 'schemathesis.sh: %s\n' "$*" >&2; }
 
 bin="${OCSYNC_BIN:-target/debug/ocsync}"
 st="${SCHEMATHESIS:-schemathesis}"
+# The checks run from a scratch folder: make a relative path absolute.
+case "$st" in */*) st="$(cd "$(dirname "$st")" && pwd)/$(basename "$st")" ;; esac
 [ -x "$bin" ] || { say "$bin is missing; run cargo build first"; exit 1; }
 command -v "$st" >/dev/null || { say "schemathesis not found (pip install 'schemathesis==4.32.5')"; exit 1; }
 
