@@ -24,6 +24,7 @@ use crate::mapping::{RecordError, SubjectRecords};
 
 pub mod openspecimen;
 pub mod postgres;
+mod record_errors;
 
 pub use openspecimen::OpenSpecimenSink;
 pub use postgres::PostgresSink;

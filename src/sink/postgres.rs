@@ -84,6 +84,7 @@ use std::hash::Hash;
 
 use sqlx::PgConnection;
 
+use super::record_errors::{form_record_error, specimen_error, visit_error};
 use super::{BatchOutcome, Counts, EntityCounts, Sink, SinkError};
 use crate::mapping::{
     FormRecord, ParticipantRecord, RecordError, SpecimenRecord, Stage, SubjectRecords, VisitRecord,
@@ -293,71 +294,6 @@ fn keep<'a, T, K: Hash + Eq>(
         }
     }
     kept
-}
-
-fn base_error(
-    p: &ParticipantRecord,
-    event_oid: &str,
-    repeat: &str,
-    message: String,
-) -> RecordError {
-    RecordError {
-        event_oid: Some(event_oid.to_owned()),
-        repeat: Some(repeat.to_owned()),
-        ..RecordError::subject(&p.subject_key, Some(&p.ppid), Stage::Write, message)
-    }
-}
-
-fn visit_error(p: &ParticipantRecord, v: &VisitRecord, why: &str) -> RecordError {
-    base_error(
-        p,
-        &v.event_oid,
-        &v.event_repeat_key,
-        format!(
-            "visit (event {}, repeat '{}'): {why}",
-            v.event_oid, v.event_repeat_key
-        ),
-    )
-}
-
-fn specimen_error(p: &ParticipantRecord, s: &SpecimenRecord, why: &str) -> RecordError {
-    RecordError {
-        form_oid: Some(s.crf_oid.clone()),
-        item_group_oid: Some(s.item_group_oid.clone()),
-        ..base_error(
-            p,
-            &s.event_oid,
-            &s.event_repeat_key,
-            format!(
-                "specimen (event {}, repeat '{}', CRF {}, item group {}, repeat '{}'): {why}",
-                s.event_oid,
-                s.event_repeat_key,
-                s.crf_oid,
-                s.item_group_oid,
-                s.item_group_repeat_key
-            ),
-        )
-    }
-}
-
-fn form_record_error(p: &ParticipantRecord, f: &FormRecord, why: &str) -> RecordError {
-    RecordError {
-        form_oid: Some(f.form_oid.clone()),
-        item_group_oid: Some(f.item_group_oid.clone()),
-        ..base_error(
-            p,
-            &f.event_oid,
-            &f.event_repeat_key,
-            format!(
-                "form record (event {}, repeat '{}', CRF {}, item group {}, repeat '{}'): {why}",
-                f.event_oid,
-                f.event_repeat_key,
-                f.crf_oid,
-                f.item_group_oid,
-                f.item_group_repeat_key
-            ),
-        )
-    }
 }
 
 /// A subject whose rows the database refused: one error row, every record
