@@ -30,7 +30,8 @@ test: ## Run every test (starts Postgres first; each test makes its own database
 	@deploy/local/ensure-tools.sh
 	@server="$(PG_SERVER)"; \
 	export OCSYNC_TEST_DATABASE_URL="$${OCSYNC_TEST_DATABASE_URL:-$$server/postgres}"; \
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --benches; \
+	$(CARGO) test --locked --lib --bins --tests
 
 bench: ## Benchmarks, each against a baseline measured in the same run (see the README).
 	@server="$(PG_SERVER)"; \
