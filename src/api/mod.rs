@@ -14,7 +14,8 @@
 //! The probes and the document need no token, so orchestrators and client
 //! generators can reach them. Every refusal is a problem document
 //! ([`problem`]); request bodies are capped at `API_MAX_BODY_BYTES` and
-//! parsed strictly ([`json`]).
+//! parsed strictly ([`json`]). Every request runs in an `http.request`
+//! span ([`trace`]), the parent of the spans of the work it starts.
 //!
 //! Handlers are thin: they parse, call the module that owns the work, and
 //! shape the answer. This module knows nothing of ODM or OpenClinica.
@@ -25,6 +26,7 @@ pub mod json;
 pub mod openapi;
 pub mod problem;
 pub mod tokens;
+pub mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,6 +92,8 @@ pub fn router_configured(state: AppState, api: &ApiConfig, queue: &QueueConfig) 
         .fallback(not_found)
         // Above any route's own limit: the cap is the API's, not a handler's.
         .layer(DefaultBodyLimit::max(api.max_body_bytes))
+        // Outermost: every request, refused or not, gets its span.
+        .layer(axum::middleware::from_fn(trace::request_span))
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the

@@ -29,6 +29,7 @@ use super::problem::ProblemDoc;
         crate::queue::api::errors_csv,
         super::cps::list,
         super::cps::show,
+        super::cps::update,
     ),
     components(schemas(ProblemDoc, crate::queue::api::StatusParam, Run, RunList, RunCounts, EntityCounts, RunStatus, Readiness)),
     modifiers(&SharedResponses),

@@ -32,6 +32,9 @@ pub struct Problem {
     /// problems have none, and a small error keeps `Result`s cheap).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub run: Option<Box<RunInTheWay>>,
+    /// 409 `version-conflict`: the version the CP is at now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<i32>,
 }
 
 /// The schema of [`Problem`], flat as clients see it (the boxed, flattened
@@ -56,6 +59,9 @@ pub struct ProblemDoc {
     /// 409 `active-run` only: its status (Queued or In Progress).
     #[schema(required = false)]
     pub run_status: String,
+    /// 409 `version-conflict` only: the version the CP is at now.
+    #[schema(required = false)]
+    pub current_version: i32,
 }
 
 /// What a 409 `active-run` problem adds.
@@ -84,6 +90,7 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             run: None,
+            current_version: None,
         }
     }
 
@@ -134,6 +141,21 @@ impl Problem {
                 "The CP already has an active run",
                 format!(
                     "CP {cp} already has an active run {run} ({status}); wait for it or abort it"
+                ),
+            )
+        }
+    }
+
+    /// 409: the CP was edited since the caller read it.
+    pub fn version_conflict(cp: &str, expected: i32, current: i32) -> Self {
+        Self {
+            current_version: Some(current),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "version-conflict",
+                "The CP was changed by someone else",
+                format!(
+                    "CP {cp} is at version {current}, not {expected}; reload it and edit again"
                 ),
             )
         }

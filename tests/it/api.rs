@@ -66,12 +66,19 @@ async fn call(
     token: Option<&str>,
     body: &str,
 ) -> Answer {
+    let is_put = method == Method::PUT;
     let mut req = Request::builder().method(method).uri(path);
     if let Some(t) = token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
     if !body.is_empty() {
-        req = req.header(header::CONTENT_TYPE, "application/json");
+        // PUT /api/v1/cps/{cp} takes TOML; every other body is JSON.
+        let ct = if is_put {
+            "application/toml"
+        } else {
+            "application/json"
+        };
+        req = req.header(header::CONTENT_TYPE, ct);
     }
     let resp = app
         .clone()
@@ -143,6 +150,13 @@ async fn every_role_on_every_route() {
             Role::Operator,
             r#"{"mode":"all"}"#,
         ),
+        // Last: the runs above are aborted by now, so the edit may proceed.
+        (
+            Method::PUT,
+            "/api/v1/cps/CP-A?expected_version=1".into(),
+            Role::Admin,
+            CP_A_EDITED,
+        ),
     ];
     for (method, path, least, body) in &routes {
         // No token, a malformed header, an unknown token: 401 with the challenge.
@@ -213,6 +227,19 @@ async fn every_role_on_every_route() {
     let r = call(&a.app, Method::GET, "/api/v1/runs", Some(&a.viewer), "").await;
     assert_problem(&r, StatusCode::UNAUTHORIZED, "unauthorized");
 }
+
+/// CP-A with a bigger batch and an oc3 source whose password is a reference.
+const CP_A_EDITED: &str = r#"
+id = "CP-A"
+batch_size = 7
+
+[source]
+kind = "oc3"
+base_url = "https://oc.example.org"
+study_oid = "S_A"
+username = "ocsync"
+password = { env = "OC_PASSWORD" }
+"#;
 
 fn role_name(r: Role) -> &'static str {
     match r {
@@ -316,6 +343,97 @@ async fn conflicts_and_invalid_requests_are_problem_documents() {
 }
 
 #[tokio::test]
+async fn editing_a_cp_checks_the_body_the_version_and_active_runs() {
+    let a = api().await;
+    let adm = Some(a.admin.as_str());
+    let put = async |path: &str, body: &str| call(&a.app, Method::PUT, path, adm, body).await;
+    // Bad TOML: 422 naming line, column and key; a password is never echoed.
+    for (body, expected) in [
+        (
+            "id = \"CP-A\"\nsource = { kind = \"file\", path = \"/d\" }\nbatchsize = 3\n",
+            "body:3:",
+        ),
+        (
+            "id = \"CP-A\"\nsource = { kind = \"oc3\", base_url = \"https://x/\", study_oid = \"S\", username = \"u\", password = \"hunter2-secret\" }\n",
+            "body:2:",
+        ),
+        ("id = \"CP-A\"\n[source\n", "body:2:"),
+    ] {
+        let r = put("/api/v1/cps/CP-A?expected_version=1", body).await;
+        assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid-request");
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(expected), "{detail}");
+        assert!(!r.body.to_string().contains("hunter2"), "{}", r.body);
+    }
+    let r = put(
+        "/api/v1/cps/CP-A?expected_version=1",
+        "id = \"CP-A\"\nsource = { kind = \"file\", path = \"/d\" }\nbatchsize = 3\n",
+    )
+    .await;
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("batchsize"),
+        "{}",
+        r.body
+    );
+    // An id other than the path's; a missing version; not TOML.
+    let other = CP_A_EDITED.replace("\"CP-A\"", "\"CP-B\"");
+    let r = put("/api/v1/cps/CP-A?expected_version=1", &other).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid-request");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("CP-B"),
+        "{}",
+        r.body
+    );
+    let r = put("/api/v1/cps/CP-A", CP_A_EDITED).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid-request");
+    let r = call(&a.app, Method::POST, "/api/v1/cps/CP-A/runs", adm, "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED); // (JSON body: sanity of `call`)
+    let run = r.body["id"].as_str().unwrap().to_owned();
+    // An active run: 409 with its id and status, as the runs route says it.
+    let r = put("/api/v1/cps/CP-A?expected_version=1", CP_A_EDITED).await;
+    assert_problem(&r, StatusCode::CONFLICT, "active-run");
+    assert_eq!(r.body["run_id"], run.as_str());
+    assert_eq!(r.body["run_status"], "Queued");
+    call(
+        &a.app,
+        Method::POST,
+        &format!("/api/v1/runs/{run}/abort"),
+        adm,
+        "",
+    )
+    .await;
+    // Unknown CP: 404.
+    let r = put(
+        "/api/v1/cps/NOPE?expected_version=1",
+        &CP_A_EDITED.replace("\"CP-A\"", "\"NOPE\""),
+    )
+    .await;
+    assert_problem(&r, StatusCode::NOT_FOUND, "not-found");
+    // Success: 200 with the stored configuration and its new version.
+    let r = put("/api/v1/cps/CP-A?expected_version=1", CP_A_EDITED).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["id"], "CP-A");
+    assert_eq!(r.body["version"], 2);
+    assert_eq!(r.body["config"]["batch_size"], 7);
+    assert_eq!(r.body["config"]["source"]["password"]["env"], "OC_PASSWORD");
+    let shown = call(&a.app, Method::GET, "/api/v1/cps/CP-A", adm, "").await;
+    assert_eq!(shown.body, r.body);
+    // The same edit again from version 1: 409 naming the current version.
+    let r = put("/api/v1/cps/CP-A?expected_version=1", CP_A_EDITED).await;
+    assert_problem(&r, StatusCode::CONFLICT, "version-conflict");
+    assert_eq!(r.body["current_version"], 2);
+    // An active run made in SQL (no worker runs here).
+    let run: String = sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP-A', 'all')")
+        .fetch_one(&a.t.pool)
+        .await
+        .unwrap();
+    let r = put("/api/v1/cps/CP-A?expected_version=2", CP_A_EDITED).await;
+    assert_problem(&r, StatusCode::CONFLICT, "active-run");
+    assert_eq!(r.body["run_id"], run.as_str());
+    assert_eq!(r.body["run_status"], "Queued");
+}
+
+#[tokio::test]
 async fn the_openapi_document_covers_every_route_and_the_run_shape() {
     let a = api().await;
     let doc = call(&a.app, Method::GET, "/api/openapi.json", None, "")
@@ -346,6 +464,16 @@ async fn the_openapi_document_covers_every_route_and_the_run_shape() {
         "201", "400", "401", "403", "404", "409", "413", "415", "422", "500",
     ] {
         assert!(enqueue.get(s).is_some(), "enqueue lacks {s}");
+    }
+    let edit = &doc["paths"]["/api/v1/cps/{cp}"]["put"];
+    assert!(
+        edit["requestBody"]["content"]["application/toml"].is_object(),
+        "{edit}"
+    );
+    for s in [
+        "200", "400", "401", "403", "404", "409", "413", "415", "422", "500",
+    ] {
+        assert!(edit["responses"].get(s).is_some(), "edit lacks {s}");
     }
     // The documented run has exactly the keys a real one has.
     let run = call(

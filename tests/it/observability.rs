@@ -2,6 +2,8 @@
 //! `/metrics` carries every series the dashboard and the alerts read, each
 //! with help text and labels from closed sets plus the CP id; the probes
 //! answer on the same port. The rules file passes `promtool check rules`.
+//! With an OTLP endpoint, a run started over the API is one trace from the
+//! request to its batches.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -61,8 +63,14 @@ struct Proc {
 
 impl Proc {
     fn spawn(t: &TestDb, dir: &Path, args: &[&str]) -> Self {
+        Self::spawn_with(t, dir, args, &[])
+    }
+
+    /// As [`Proc::spawn`], with more environment variables.
+    fn spawn_with(t: &TestDb, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{}.log", args[0]));
         let mut cmd = ocsync();
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("DATABASE_URL", t.url())
             .env("DATABASE_MAX_CONNECTIONS", "4")
@@ -82,19 +90,24 @@ impl Proc {
 
     /// The address its log says the metrics server bound.
     async fn metrics_addr(&mut self) -> String {
+        self.logged_addr("metrics listening").await
+    }
+
+    /// The `addr=` of the first log line containing `message`.
+    async fn logged_addr(&mut self, message: &str) -> String {
         let start = Instant::now();
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("metrics listening")) {
+            if let Some(line) = text.lines().find(|l| l.contains(message)) {
                 let addr = line.split("addr=").nth(1).expect("addr field");
                 return addr.split_whitespace().next().unwrap().to_owned();
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("ocsync exited ({status}) before serving metrics:\n{text}");
+                panic!("ocsync exited ({status}) before logging {message:?}:\n{text}");
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "no metrics server within the deadline:\n{text}"
+                "no {message:?} within the deadline:\n{text}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -501,16 +514,28 @@ collection_time_item = "I_SPECI_COLLECTED"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_run_is_one_trace_from_its_enqueue_to_its_batches() {
+async fn one_api_request_is_one_trace_down_to_its_batches() {
     use axum::body::Bytes;
+    use ocsync::api::tokens::{self, Role};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
     use prost::Message as _;
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
-    // A stand-in collector.
-    // (span name, trace id) of every span received.
-    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-    let spans: Seen = Arc::default();
+    /// What the stand-in collector keeps of a span.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        name: String,
+        trace: Vec<u8>,
+        id: Vec<u8>,
+        parent: Vec<u8>,
+        /// String and integer attributes, as text.
+        attrs: HashMap<String, String>,
+    }
+
+    // A stand-in collector (OTLP/HTTP, protobuf), shared by both processes.
+    let spans: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let app = axum::Router::new().route(
         "/v1/traces",
         axum::routing::post({
@@ -523,7 +548,25 @@ async fn one_run_is_one_trace_from_its_enqueue_to_its_batches() {
                     for rs in req.resource_spans {
                         for ss in rs.scope_spans {
                             for s in ss.spans {
-                                seen.push((s.name, s.trace_id));
+                                let attrs = s
+                                    .attributes
+                                    .iter()
+                                    .filter_map(|kv| {
+                                        let v = match kv.value.as_ref()?.value.as_ref()? {
+                                            AnyValue::StringValue(v) => v.clone(),
+                                            AnyValue::IntValue(v) => v.to_string(),
+                                            _ => return None,
+                                        };
+                                        Some((kv.key.clone(), v))
+                                    })
+                                    .collect();
+                                seen.push(Seen {
+                                    name: s.name,
+                                    trace: s.trace_id,
+                                    id: s.span_id,
+                                    parent: s.parent_span_id,
+                                    attrs,
+                                });
                             }
                         }
                     }
@@ -542,33 +585,29 @@ async fn one_run_is_one_trace_from_its_enqueue_to_its_batches() {
     store::add(&t.pool, &cp_config("TRACE", &study))
         .await
         .unwrap();
-    let mut cmd = ocsync();
-    cmd.arg("worker")
-        .arg("--no-schedule")
-        .env("DATABASE_URL", t.url())
-        .env("WORKER_POLL_INTERVAL_MS", "200")
-        .env("METRICS_LISTEN", "127.0.0.1:0")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap());
-    let _worker = Proc {
-        child: cmd.spawn().unwrap(),
-        log: dir.path().join("worker.log"),
-    };
+    let token = tokens::create(&t.pool, "trace-test", Role::Operator)
+        .await
+        .unwrap();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        // Export every half second rather than every five.
+        ("OTEL_BSP_SCHEDULE_DELAY", "500"),
+    ];
+    let worker = Proc::spawn_with(&t, dir.path(), &["worker", "--no-schedule"], &env);
+    let mut api = Proc::spawn_with(&t, dir.path(), &["api"], &env);
+    let addr = api.logged_addr("API listening").await;
 
-    // `ocsync sync` enqueues through the same function as the API.
-    let mut cmd = ocsync();
-    cmd.args(["sync", "TRACE", "--mode", "all"])
-        .env("DATABASE_URL", t.url())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    ocsync::install_crypto_provider();
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/cps/TRACE/runs"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"mode": "all"}))
+        .send()
+        .await
+        .expect("POST the run");
+    assert_eq!(answer.status().as_u16(), 201);
+    let run: serde_json::Value = answer.json().await.unwrap();
+    let id = run["id"].as_str().expect("run id").to_owned();
 
     let start = Instant::now();
     loop {
@@ -578,36 +617,100 @@ async fn one_run_is_one_trace_from_its_enqueue_to_its_batches() {
         }
         assert!(
             start.elapsed() < DEADLINE && !run.status.is_terminal(),
-            "{run:#?}"
+            "{run:#?}\n{}",
+            std::fs::read_to_string(&worker.log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The worker exports in batches (every few seconds): poll for them.
-    let (enqueue_trace, names) = loop {
+
+    // Both processes export in batches: poll until the request's trace
+    // holds the whole run (three batches of two subjects).
+    let is_request = |s: &Seen| {
+        s.name == "http.request"
+            && s.attrs.get("http.route").map(String::as_str) == Some("/api/v1/cps/{cp}/runs")
+    };
+    let (request, trace) = loop {
         let seen = spans.lock().unwrap().clone();
-        if let Some((_, trace)) = seen.iter().find(|(n, _)| n == "queue.enqueue") {
-            let names: Vec<String> = seen
+        if let Some(request) = seen.iter().find(|s| is_request(s)) {
+            let trace: Vec<Seen> = seen
                 .iter()
-                .filter(|(_, t)| t == trace)
-                .map(|(n, _)| n.clone())
+                .filter(|s| s.trace == request.trace)
+                .cloned()
                 .collect();
-            if names.iter().filter(|n| *n == "sync.batch").count() >= 3 {
-                break (trace.clone(), names);
+            let named = |n: &str| trace.iter().filter(|s| s.name == n).count();
+            if named("sync.batch") >= 3
+                && ["queue.enqueue", "queue.run", "sync.run"]
+                    .iter()
+                    .all(|n| named(n) == 1)
+            {
+                break (request.clone(), trace);
             }
         }
         assert!(
             start.elapsed() < DEADLINE,
             "no connected trace; spans seen: {:?}",
-            seen.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            seen.iter().map(|s| &s.name).collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     server.abort();
-    assert_eq!(enqueue_trace.len(), 16);
-    for name in ["queue.enqueue", "queue.run", "sync.run", "sink.write"] {
-        assert!(
-            names.iter().any(|n| n == name),
-            "{name} not in the trace: {names:?}"
+
+    assert_eq!(request.trace.len(), 16);
+    assert!(request.parent.is_empty(), "the request span is the root");
+    assert_eq!(request.attrs["http.method"], "POST");
+    assert_eq!(request.attrs["http.status_code"], "201");
+    // No ids, query strings or bodies in the request span's fields.
+    for value in request.attrs.values() {
+        assert!(!value.contains("TRACE") && !value.contains(&id), "{value}");
+    }
+
+    // The parent links form the chain: each span's nearest ancestor among
+    // the chain's names is the step before it.
+    let by_id: HashMap<&[u8], &Seen> = trace.iter().map(|s| (s.id.as_slice(), s)).collect();
+    let chain = [
+        "http.request",
+        "queue.enqueue",
+        "queue.run",
+        "sync.run",
+        "sync.batch",
+    ];
+    let nearest = |s: &Seen| -> Option<Seen> {
+        let mut parent = s.parent.as_slice();
+        while let Some(p) = by_id.get(parent) {
+            if chain.contains(&p.name.as_str()) {
+                return Some((*p).clone());
+            }
+            parent = p.parent.as_slice();
+        }
+        None
+    };
+    let one = |n: &str| trace.iter().find(|s| s.name == n).unwrap().clone();
+    let enqueue = one("queue.enqueue");
+    assert_eq!(
+        enqueue.parent, request.id,
+        "queue.enqueue is the request span's child"
+    );
+    let run = one("queue.run");
+    assert_eq!(
+        run.parent, enqueue.id,
+        "queue.run is queue.enqueue's child (through the job's metadata)"
+    );
+    let sync = one("sync.run");
+    assert_eq!(
+        nearest(&sync).map(|p| p.id),
+        Some(run.id.clone()),
+        "sync.run is under queue.run"
+    );
+    let batches: Vec<&Seen> = trace.iter().filter(|s| s.name == "sync.batch").collect();
+    for batch in &batches {
+        assert_eq!(
+            nearest(batch).map(|p| p.id),
+            Some(sync.id.clone()),
+            "sync.batch is under sync.run"
         );
     }
+    assert!(
+        trace.iter().any(|s| s.name == "sink.write"),
+        "sink.write is in the trace"
+    );
 }
