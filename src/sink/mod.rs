@@ -23,6 +23,7 @@ use sqlx::PgConnection;
 use crate::mapping::{RecordError, SubjectRecords};
 
 pub mod openspecimen;
+mod plan;
 pub mod postgres;
 mod record_errors;
 

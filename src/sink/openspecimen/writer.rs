@@ -84,9 +84,10 @@ use super::client::OsClient;
 use super::config::{FormLevel, FormTarget, OpenSpecimenConfig};
 use super::error::OsError;
 use crate::mapping::{
-    FormRecord, ParticipantRecord, RecordError, RecordStatus, SpecimenRecord, Stage,
-    SubjectRecords, VisitRecord,
+    FormRecord, ParticipantRecord, RecordError, RecordStatus, SpecimenRecord, SubjectRecords,
+    VisitRecord,
 };
+use crate::sink::plan::{SubjectPlan, plan};
 use crate::sink::record_errors::{
     form_record_error, participant_error, specimen_error, visit_error,
 };
@@ -318,120 +319,6 @@ fn hash_of(body: &Value, removed: bool) -> String {
     h.update(if removed { b"removed\n" } else { b"active\n\0" });
     h.update(serde_json::to_vec(body).expect("JSON values serialise"));
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-// ---------------------------------------------------------------------------
-// Plan: duplicate subjects and records, and strays, out before any request.
-
-struct SubjectPlan<'a> {
-    participant: &'a ParticipantRecord,
-    visits: Vec<&'a VisitRecord>,
-    specimens: Vec<&'a SpecimenRecord>,
-    form_records: Vec<&'a FormRecord>,
-}
-
-struct Plan<'a> {
-    subjects: Vec<SubjectPlan<'a>>,
-    errors: Vec<RecordError>,
-    failed: Counts,
-}
-
-fn plan(batch: &[SubjectRecords]) -> Plan<'_> {
-    let mut out = Plan {
-        subjects: Vec::with_capacity(batch.len()),
-        errors: Vec::new(),
-        failed: Counts::default(),
-    };
-    let last: HashMap<&str, usize> = batch
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.subject_key(), i))
-        .collect();
-    for (i, subject) in batch.iter().enumerate() {
-        let p = &subject.participant;
-        if last[subject.subject_key()] != i {
-            out.errors.push(RecordError::subject(
-                &p.subject_key,
-                Some(&p.ppid),
-                Stage::Write,
-                "the subject appears more than once in the batch; only its last occurrence was written",
-            ));
-            out.failed.participants.failed += 1;
-            out.failed.visits.failed += subject.visits.len() as u64;
-            out.failed.specimens.failed += subject.specimens.len() as u64;
-            out.failed.form_records.failed += subject.form_records.len() as u64;
-            continue;
-        }
-        let visits = keep(
-            p,
-            &subject.visits,
-            |v| &v.subject_key,
-            visit_key,
-            visit_error,
-            &mut out.errors,
-            &mut out.failed.visits,
-        );
-        let specimens = keep(
-            p,
-            &subject.specimens,
-            |s| &s.subject_key,
-            specimen_key,
-            specimen_error,
-            &mut out.errors,
-            &mut out.failed.specimens,
-        );
-        let form_records = keep(
-            p,
-            &subject.form_records,
-            |f| &f.subject_key,
-            form_key,
-            form_record_error,
-            &mut out.errors,
-            &mut out.failed.form_records,
-        );
-        out.subjects.push(SubjectPlan {
-            participant: p,
-            visits,
-            specimens,
-            form_records,
-        });
-    }
-    out
-}
-
-/// The records of a subject that can be written: its own, the last of each
-/// natural key. The others become errors.
-fn keep<'a, T, K: Hash + Eq>(
-    p: &ParticipantRecord,
-    records: &'a [T],
-    subject_of: impl Fn(&T) -> &String,
-    key: impl Fn(&T) -> K,
-    error: impl Fn(&ParticipantRecord, &T, &str) -> RecordError,
-    errors: &mut Vec<RecordError>,
-    failed: &mut EntityCounts,
-) -> Vec<&'a T> {
-    let last: HashMap<K, usize> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (key(r), i))
-        .collect();
-    let mut out = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        if *subject_of(r) != p.subject_key {
-            errors.push(error(p, r, "belongs to another subject; not written"));
-            failed.failed += 1;
-        } else if last[&key(r)] != i {
-            errors.push(error(
-                p,
-                r,
-                "appears more than once in the subject; only its last occurrence was written",
-            ));
-            failed.failed += 1;
-        } else {
-            out.push(r);
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------
