@@ -8,9 +8,7 @@
 //! Nothing here sleeps to wait for work: a test that needs time to pass
 //! (`Retry-After`, latency) measures that the client waited.
 
-use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -20,13 +18,14 @@ use ocsync::odm::generate::{
 use ocsync::odm::{OdmReader, Record, Study, Subject};
 use ocsync::openclinica::sim::{AuthConfig, Faults, Scheme, SimConfig, SimHandle, Simulator};
 use ocsync::openclinica::{
-    Body, CredentialRef, NetworkConfig, Oc3Config, Oc4Config, OcError, QueryFlags, RetryPolicy,
-    Scope, Source, SourceConfig, Subjects, is_transient_io,
+    Body, CredentialRef, NetworkConfig, Oc3Config, Oc4Config, OcError, QueryFlags, Scope, Source,
+    SourceConfig, Subjects, is_transient_io,
 };
 use secrecy::SecretString;
-use tokio::io::AsyncReadExt;
 
 use crate::harness;
+use crate::harness::Captured;
+use crate::openclinica::{net, one, read_all};
 
 const STUDY: &str = "S_SIM";
 const USER: &str = "ocsync";
@@ -144,34 +143,6 @@ impl Sim {
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.handle.addr())
     }
-}
-
-/// Network settings with backoffs of a few milliseconds.
-fn net(max_attempts: u32, max_concurrency: usize) -> NetworkConfig {
-    NetworkConfig {
-        connect_timeout_ms: 2_000,
-        response_timeout_ms: 5_000,
-        idle_timeout_ms: 2_000,
-        max_concurrency,
-        retry: RetryPolicy {
-            max_attempts,
-            base_delay_ms: 2,
-            max_delay_ms: 10,
-        },
-    }
-}
-
-async fn read_all(mut body: Body) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    body.read_to_end(&mut out).await?;
-    Ok(out)
-}
-
-async fn one(source: &Source, scope: Scope) -> Result<Body, OcError> {
-    let mut bodies = source.clinical_data(scope);
-    let body = bodies.next().await.expect("one document");
-    assert!(bodies.next().await.is_none(), "exactly one document");
-    body
 }
 
 async fn fetch(source: &Source, key: &str) -> Vec<u8> {
@@ -882,20 +853,6 @@ async fn editing_k_subjects_changes_exactly_those_subjects() {
 }
 
 // ---- secrets ----
-
-/// A `MakeWriter` that appends to a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 // A current-thread runtime (the default): the subscriber set for this
 // thread sees the client, the simulator and hyper alike.

@@ -28,6 +28,8 @@ use ocsync::openclinica::{
 };
 use tokio::io::AsyncReadExt;
 
+use crate::harness::Captured;
+
 const STUDY: &str = "S_TEST";
 const USER: &str = "ocsync";
 const PASSWORD: &str = "pw-Zq81-never-print-me";
@@ -564,7 +566,7 @@ impl FakeOc {
 }
 
 /// Network settings with backoffs of a few milliseconds.
-fn net(max_attempts: u32, max_concurrency: usize) -> NetworkConfig {
+pub(crate) fn net(max_attempts: u32, max_concurrency: usize) -> NetworkConfig {
     NetworkConfig {
         connect_timeout_ms: 2_000,
         response_timeout_ms: 5_000,
@@ -578,13 +580,13 @@ fn net(max_attempts: u32, max_concurrency: usize) -> NetworkConfig {
     }
 }
 
-async fn read_all(mut body: Body) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_all(mut body: Body) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     body.read_to_end(&mut out).await?;
     Ok(out)
 }
 
-async fn one(source: &Source, scope: Scope) -> Result<Body, OcError> {
+pub(crate) async fn one(source: &Source, scope: Scope) -> Result<Body, OcError> {
     let mut bodies = source.clinical_data(scope);
     let body = bodies.next().await.expect("one document");
     assert!(bodies.next().await.is_none(), "exactly one document");
@@ -1005,20 +1007,6 @@ async fn oc3_subjects_come_as_a_document() {
 }
 
 // ---- secrets ----
-
-/// A `MakeWriter` that appends to a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 // A current-thread runtime (the default): the subscriber set for this
 // thread sees the client, the fake server and hyper alike.

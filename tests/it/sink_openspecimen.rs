@@ -7,8 +7,6 @@
 //! request's path, headers and body shape.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
-use std::sync::{Arc, Mutex};
 
 use ocsync::mapping::{
     FormRecord, ParticipantRecord, RecordStatus, SpecimenRecord, Stage, SubjectRecords, VisitRecord,
@@ -22,6 +20,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::harness::Captured;
 use crate::harness::TestDb;
 
 const CP: &str = "CP-TEST";
@@ -576,20 +575,6 @@ async fn an_expired_token_means_one_new_login_and_complete_data() {
         requests[i + 2].header("x-os-api-token"),
         requests[i].header("x-os-api-token")
     );
-}
-
-/// A `MakeWriter` that appends to a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 // A current-thread runtime (the default): the subscriber set for this
