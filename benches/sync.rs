@@ -3,14 +3,21 @@
 //! Starts the OpenClinica simulator in-process with a generated study of
 //! `SYNC_BENCH_SUBJECTS` subjects (default 10,000), creates a database of its
 //! own on the test server (`OCSYNC_TEST_DATABASE_URL`), and measures in one
-//! run:
+//! run, once through each OpenClinica API (the CP's default query flags):
 //!
-//! 1. a full sync (mode `all`, OC 3.x REST, one whole-study document):
-//!    subjects/s and rows/s;
+//! 1. a full sync (mode `all`): subjects/s and rows/s. OC 3.x reads one
+//!    whole-study document; OC 4.x lists the participants and reads one
+//!    document per subject (four in flight);
 //! 2. the ceiling: a bare `COPY … FROM STDIN` of exactly the rows that sync
 //!    wrote, into the same tables (emptied first), rows/s;
 //! 3. an incremental sync with nothing changed, and a second full sync with
-//!    nothing changed, each as a fraction of the full sync's time.
+//!    nothing changed, each as a fraction of the full sync's time. OC 4.x
+//!    lists participants with `lastModified`, so its incremental run reads
+//!    only the list; OC 3.x has no "changed since" filter, so its
+//!    incremental run reads the whole study again and skips unchanged
+//!    subjects by fingerprint.
+//!
+//! `SYNC_BENCH_APIS=oc3` (or `oc4`) measures one API only.
 //!
 //! Without the `--bench` argument (`cargo test --all-targets`) it runs the
 //! same steps on 40 subjects as a smoke test.
@@ -78,7 +85,25 @@ async fn bench(subjects: u32) {
     let pool = db::connect(&config).await.unwrap();
     db::migrate(&pool).await.unwrap();
 
-    let result = measure(&pool, subjects).await;
+    let mut results = Vec::new();
+    // SYNC_BENCH_APIS=oc3 or oc4 measures one of them only.
+    let only = std::env::var("SYNC_BENCH_APIS").unwrap_or_default();
+    for api in [Api::Oc3, Api::Oc4] {
+        if !only.is_empty() && !only.eq_ignore_ascii_case(&format!("{api:?}")) {
+            continue;
+        }
+        results.push(measure(&pool, subjects, api).await);
+        for table in TABLES {
+            sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE ocsync_data.{table}")))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::raw_sql("TRUNCATE ocsync.subject_state, ocsync.cp_watermarks")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -86,10 +111,20 @@ async fn bench(subjects: u32) {
     .execute(&mut conn)
     .await
     .unwrap();
-    result.report();
+    for r in &results {
+        r.report();
+    }
+    println!("targets: full sync rows/s ≥ 0.5 of COPY; incremental ≤ 0.1 of the full sync's time");
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Api {
+    Oc3,
+    Oc4,
 }
 
 struct Figures {
+    api: Api,
     subjects: u32,
     rows: u64,
     full: Duration,
@@ -104,8 +139,13 @@ impl Figures {
         let full_rows = per_s(self.rows as f64, self.full);
         let copy_rows = per_s(self.rows as f64, self.copy);
         println!(
-            "\nSync, OpenClinica 3.x simulator → Postgres sink ({} subjects, {} rows; one process)",
-            self.subjects, self.rows
+            "\nSync, OpenClinica {} simulator → Postgres sink ({} subjects, {} rows; one process)",
+            match self.api {
+                Api::Oc3 => "3.x (one whole-study document)",
+                Api::Oc4 => "4.x (participant list, a document per subject)",
+            },
+            self.subjects,
+            self.rows
         );
         println!(
             "{:<52}{:>10}{:>14}{:>12}",
@@ -141,17 +181,15 @@ impl Figures {
                 d.as_secs_f64() / self.full.as_secs_f64()
             );
         }
-        println!(
-            "targets: full sync rows/s ≥ 0.5 of COPY; incremental ≤ 0.1 of the full sync's time"
-        );
     }
 }
 
-async fn measure(pool: &PgPool, subjects: u32) -> Figures {
+async fn measure(pool: &PgPool, subjects: u32, api: Api) -> Figures {
     let study = GeneratorConfig {
         seed: 42,
         subjects,
         sites: 4,
+        oc4_dates: api == Api::Oc4,
         ..GeneratorConfig::default()
     };
     let secret_dir = tempfile::tempdir().unwrap();
@@ -164,19 +202,24 @@ async fn measure(pool: &PgPool, subjects: u32) -> Figures {
     ))
     .await
     .unwrap();
+    let source = match api {
+        Api::Oc3 => format!("kind = \"oc3\"\nbase_url = \"{}\"", sim.base_url_oc3()),
+        Api::Oc4 => format!(
+            "kind = \"oc4\"\nbase_url = \"{}\"\nauth_url = \"{}\"",
+            sim.base_url_oc4(),
+            sim.auth_url()
+        ),
+    };
     let toml = format!(
         r#"
 id = "BENCH"
-batch_size = 50
 default_site = "Main"
 
 [source]
-kind = "oc3"
-base_url = "{base}"
+{source}
 study_oid = "{study}"
 username = "ocsync"
 password = {{ file = {secret:?} }}
-query = {{ include_audits = true }}
 
 [[specimens]]
 item_group_oid = "IG_SPECI_SAMPLES"
@@ -185,7 +228,6 @@ type_item = "I_SPECI_TYPE"
 quantity_item = "I_SPECI_QTY"
 collection_time_item = "I_SPECI_COLLECTED"
 "#,
-        base = sim.base_url_oc3(),
         study = study.study_oid,
         secret = secret.display().to_string(),
     );
@@ -222,6 +264,7 @@ collection_time_item = "I_SPECI_COLLECTED"
     let second_full = started.elapsed();
 
     Figures {
+        api,
         subjects,
         rows,
         full,

@@ -3,10 +3,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+
+use secrecy::SecretString;
 
 use super::body::Body;
 use super::config::{QueryFlags, SourceConfig};
@@ -86,7 +89,7 @@ impl Source {
     /// Builds a source with a session (or token) and concurrency limit of
     /// its own, resolving the password reference now.
     pub fn new(config: &SourceConfig) -> Result<Self, OcError> {
-        let inner = Arc::new(build(config)?);
+        let inner = Arc::new(build(config, None)?);
         Ok(Self::with(inner, config))
     }
 
@@ -214,7 +217,7 @@ fn check_subject_key(key: &str) -> Result<(), OcError> {
     Ok(())
 }
 
-fn build(config: &SourceConfig) -> Result<Kind, OcError> {
+fn build(config: &SourceConfig, password: Option<SecretString>) -> Result<Kind, OcError> {
     let study = |oid: &str| {
         if oid.trim().is_empty() || oid.contains('/') {
             Err(OcError::Config(format!("study OID {oid:?} is not usable")))
@@ -228,7 +231,7 @@ fn build(config: &SourceConfig) -> Result<Kind, OcError> {
             Kind::Oc3(Oc3::new(
                 c.base_url.clone(),
                 c.username.clone(),
-                c.password.resolve()?,
+                password.map_or_else(|| c.password.resolve(), Ok)?,
                 &c.network,
             )?)
         }
@@ -238,7 +241,7 @@ fn build(config: &SourceConfig) -> Result<Kind, OcError> {
                 c.base_url.clone(),
                 c.auth_url.clone(),
                 c.username.clone(),
-                c.password.resolve()?,
+                password.map_or_else(|| c.password.resolve(), Ok)?,
                 &c.network,
             )?)
         }
@@ -252,15 +255,28 @@ fn build(config: &SourceConfig) -> Result<Kind, OcError> {
 /// same OC account must not log in separately, or each login would end the
 /// other's session.
 ///
-/// The first configuration for a server and account sets its network
-/// settings and password; later ones with the same key reuse them for as
-/// long as any source built from it lives.
+/// The registry keeps each server's state between runs (a 4.x token lives
+/// hours, and OC 4.x refuses more than two token requests a minute, so a
+/// worker must not ask for one per run) until it has gone unused for
+/// [`SourceRegistry::IDLE`]. The first configuration for a server and
+/// account sets its network settings; a changed password (a rotated secret
+/// file or variable) builds fresh state, so the next login uses it.
 #[derive(Default)]
 pub struct SourceRegistry {
-    shared: Mutex<HashMap<String, Weak<Kind>>>,
+    shared: Mutex<HashMap<String, Shared>>,
+}
+
+struct Shared {
+    kind: Arc<Kind>,
+    /// SHA-256 of the password the state was built with.
+    password: [u8; 32],
+    last_used: Instant,
 }
 
 impl SourceRegistry {
+    /// How long a server's session or token is kept without a run using it.
+    pub const IDLE: Duration = Duration::from_secs(30 * 60);
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -268,23 +284,47 @@ impl SourceRegistry {
     /// A source for `config`, sharing the server state of earlier sources
     /// with the same kind, URLs and username.
     pub fn source(&self, config: &SourceConfig) -> Result<Source, OcError> {
-        let key = match config {
-            SourceConfig::Oc3(c) => format!("oc3 {} {}", c.base_url, c.username),
-            SourceConfig::Oc4(c) => format!("oc4 {} {} {}", c.base_url, c.auth_url, c.username),
+        let (key, password) = match config {
+            SourceConfig::Oc3(c) => (
+                format!("oc3 {} {}", c.base_url, c.username),
+                c.password.resolve()?,
+            ),
+            SourceConfig::Oc4(c) => (
+                format!("oc4 {} {} {}", c.base_url, c.auth_url, c.username),
+                c.password.resolve()?,
+            ),
             SourceConfig::File(_) => return Source::new(config),
         };
+        let digest: [u8; 32] = {
+            use secrecy::ExposeSecret;
+            use sha2::Digest;
+            sha2::Sha256::digest(password.expose_secret().as_bytes()).into()
+        };
+        let now = Instant::now();
         // A panic elsewhere cannot leave the map half-updated: recover it.
         let mut shared = self
             .shared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        shared.retain(|_, w| w.strong_count() > 0);
-        if let Some(inner) = shared.get(&key).and_then(Weak::upgrade) {
-            return Ok(Source::with(inner, config));
+        shared.retain(|_, s| {
+            now.duration_since(s.last_used) < Self::IDLE || Arc::strong_count(&s.kind) > 1
+        });
+        if let Some(s) = shared.get_mut(&key)
+            && s.password == digest
+        {
+            s.last_used = now;
+            return Ok(Source::with(s.kind.clone(), config));
         }
-        let inner = Arc::new(build(config)?);
-        shared.insert(key, Arc::downgrade(&inner));
-        Ok(Source::with(inner, config))
+        let kind = Arc::new(build(config, Some(password))?);
+        shared.insert(
+            key,
+            Shared {
+                kind: kind.clone(),
+                password: digest,
+                last_used: now,
+            },
+        );
+        Ok(Source::with(kind, config))
     }
 }
 

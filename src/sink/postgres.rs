@@ -18,11 +18,15 @@
 //!    and counts as `failed`. A record whose `subject_key` is not its
 //!    subject's is refused the same way (it would escape the vanished-record
 //!    check below).
-//! 2. **One bulk statement per table and purpose** for the whole batch:
+//! 2. **New subjects by `COPY`.** One primary-key probe per batch finds the
+//!    subjects the CP has no participant row for; their rows go in by
+//!    `COPY … FROM STDIN` into each table ([`copy`]) and all count as
+//!    created: there is nothing to compare, update or flag for them.
+//! 3. **One bulk statement per table and purpose** for the other subjects:
 //!    an upsert from `UNNEST` of one array per column, and, for visits,
 //!    specimens and form records, an update that flags vanished rows. That
 //!    is seven statements per batch whatever its size.
-//! 3. **Change check without writes.** The upsert reads each incoming row's
+//! 4. **Change check without writes.** The upsert reads each incoming row's
 //!    stored twin first (an index probe on the primary key) and only rows
 //!    that are new or differ go into `INSERT … ON CONFLICT DO UPDATE … WHERE
 //!    (stored) IS DISTINCT FROM (incoming)`. Passing unchanged rows to
@@ -30,7 +34,7 @@
 //!    and a row lock dirties the page and is WAL-logged: a second sync of an
 //!    unchanged study would write. With the pre-check it assigns no
 //!    transaction id at all (the tests prove it).
-//! 4. **Counts.** Rows the upsert returns with `xmax = 0` were inserted
+//! 5. **Counts.** Rows the upsert returns with `xmax = 0` were inserted
 //!    (`created`); the other returned rows were updated (`updated`); input
 //!    rows not returned were `unchanged`. Vanished rows flagged `removed`
 //!    count as `updated` of their entity.
@@ -47,7 +51,8 @@
 //! The batch runs under a savepoint. When a statement fails for a reason in
 //! the data (SQLSTATE classes 21, 22, 23 and 54000: a NUL byte, a
 //! constraint, a key too long to index), the savepoint is rolled back and the
-//! batch is written again subject by subject, each under its own savepoint:
+//! batch is written again without `COPY`, then, if that fails too, subject
+//! by subject, each under its own savepoint:
 //! a failing subject becomes one error row naming the table and the cause
 //! (never the value) and all its records count as `failed`; the others are
 //! written. Any other error (connection lost, serialisation failure, missing
@@ -57,16 +62,21 @@
 //! The caller's connection must be inside a transaction (savepoints need
 //! one).
 //!
-//! # Why `UNNEST` and not `COPY` + `MERGE`
+//! # Why `COPY` only for new subjects
 //!
-//! `COPY` into a temporary table then `MERGE` would send the same bytes,
-//! but PostgreSQL 15's `MERGE` has no `RETURNING`, so created versus
-//! updated would need another pass, and it costs a temporary table and
-//! twice the statements per batch. `UNNEST` of binary `text[]` parameters
-//! is one round trip per table, is prepared once per connection, and lets
-//! one statement do the change check and the counting. The COPY + MERGE
-//! variant was not built and measured head to head; `make bench` measures
-//! this sink against a bare `COPY` of the same rows (the ceiling).
+//! `COPY` is PostgreSQL's fastest way in, but it cannot upsert. `COPY` into
+//! a temporary table then `MERGE` would, but PostgreSQL 15's `MERGE` has no
+//! `RETURNING`, so created versus updated would need another pass, and it
+//! costs a temporary table and twice the statements per batch. So a
+//! subject the CP has never seen (a first sync, or new enrolments) is
+//! copied straight into the tables, and a known subject goes through
+//! `UNNEST` of binary `text[]` parameters, one round trip per table, which
+//! does the change check and the counting in one statement. Should a
+//! "new" subject meet rows of its own (left behind by hand after its
+//! participant row was deleted), its `COPY` fails on the primary key and
+//! the batch is written again through the upsert path alone. `make bench`
+//! measures the sink and the whole sync against a bare `COPY` of the same
+//! rows (the ceiling).
 //!
 //! # Plans that do not depend on statistics
 //!
@@ -78,6 +88,8 @@
 //! a primary-key probe: `LEFT JOIN LATERAL (… LIMIT 1)` for the change
 //! check, `CROSS JOIN LATERAL (… OFFSET 0)` per subject for vanished rows,
 //! and no secondary index starts with `cp_id`.
+
+mod copy;
 
 use sqlx::PgConnection;
 
@@ -111,28 +123,33 @@ impl Sink for PostgresSink {
         if plan.subjects.is_empty() {
             return Ok(outcome);
         }
-        exec(tx, "SAVEPOINT ocsync_sink_batch").await?;
-        match write_subjects(tx, cp, &plan.subjects).await {
-            Ok(counts) => {
-                exec(tx, "RELEASE SAVEPOINT ocsync_sink_batch").await?;
-                outcome.counts.add(&counts);
-                return Ok(outcome);
-            }
-            Err(failure) if failure.is_data_error() => {
-                exec(tx, "ROLLBACK TO SAVEPOINT ocsync_sink_batch").await?;
-                exec(tx, "RELEASE SAVEPOINT ocsync_sink_batch").await?;
-                if plan.subjects.len() == 1 {
-                    fail_subject(&plan.subjects[0], &failure, &mut outcome);
+        // New subjects go in by COPY; should that meet rows it did not
+        // expect, the batch is written again through the upsert path alone.
+        let all: Vec<&SubjectPlan<'_>> = plan.subjects.iter().collect();
+        for copy_new in [true, false] {
+            exec(tx, "SAVEPOINT ocsync_sink_batch").await?;
+            match write_subjects(tx, cp, &all, copy_new).await {
+                Ok(counts) => {
+                    exec(tx, "RELEASE SAVEPOINT ocsync_sink_batch").await?;
+                    outcome.counts.add(&counts);
                     return Ok(outcome);
                 }
+                Err(failure) if failure.is_data_error() => {
+                    exec(tx, "ROLLBACK TO SAVEPOINT ocsync_sink_batch").await?;
+                    exec(tx, "RELEASE SAVEPOINT ocsync_sink_batch").await?;
+                    if !copy_new && plan.subjects.len() == 1 {
+                        fail_subject(&plan.subjects[0], &failure, &mut outcome);
+                        return Ok(outcome);
+                    }
+                }
+                Err(failure) => return Err(SinkError::Database(failure.error)),
             }
-            Err(failure) => return Err(SinkError::Database(failure.error)),
         }
         // Some subject's data is refused: find which, one at a time, so the
         // others are still written.
         for subject in &plan.subjects {
             exec(tx, "SAVEPOINT ocsync_sink_subject").await?;
-            match write_subjects(tx, cp, std::slice::from_ref(subject)).await {
+            match write_subjects(tx, cp, &[subject], false).await {
                 Ok(counts) => {
                     exec(tx, "RELEASE SAVEPOINT ocsync_sink_subject").await?;
                     outcome.counts.add(&counts);
@@ -221,12 +238,38 @@ trait Table {
     const NAME: &'static str;
 }
 
+/// Writes `subjects`; with `copy_new`, those the CP has no participant row
+/// for yet go in by `COPY` ([`copy`]) and only the others are upserted.
 async fn write_subjects(
     tx: &mut PgConnection,
     cp: &str,
-    subjects: &[SubjectPlan<'_>],
+    subjects: &[&SubjectPlan<'_>],
+    copy_new: bool,
 ) -> Result<Counts, WriteFailure> {
-    let mut counts = Counts::default();
+    let subject_keys: Vec<&str> = subjects
+        .iter()
+        .map(|s| s.participant.subject_key.as_str())
+        .collect();
+    let (mut counts, known) = if copy_new {
+        let new: std::collections::HashSet<String> = sqlx::query_scalar(NEW_SUBJECTS)
+            .bind(cp)
+            .bind(&subject_keys)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(on::<ParticipantCols>)?
+            .into_iter()
+            .collect();
+        let (fresh, known): (Vec<&SubjectPlan<'_>>, Vec<&SubjectPlan<'_>>) = subjects
+            .iter()
+            .partition(|s| new.contains(&s.participant.subject_key));
+        (copy::copy_new(tx, cp, &fresh).await?, known)
+    } else {
+        (Counts::default(), subjects.to_vec())
+    };
+    if known.is_empty() {
+        return Ok(counts);
+    }
+    let subjects = known.as_slice();
     let subject_keys: Vec<&str> = subjects
         .iter()
         .map(|s| s.participant.subject_key.as_str())
@@ -234,22 +277,30 @@ async fn write_subjects(
 
     let p = ParticipantCols::new(subjects);
     let (created, updated) = p.upsert(tx, cp).await?;
-    counts.participants = counts_of(subjects.len(), created, updated, 0);
+    counts
+        .participants
+        .add(&counts_of(subjects.len(), created, updated, 0));
 
     let v = VisitCols::new(subjects);
     let (created, updated) = v.upsert(tx, cp).await?;
     let removed = v.flag_vanished(tx, cp, &subject_keys).await?;
-    counts.visits = counts_of(v.subject_key.len(), created, updated, removed);
+    counts
+        .visits
+        .add(&counts_of(v.subject_key.len(), created, updated, removed));
 
     let s = SpecimenCols::new(subjects);
     let (created, updated) = s.upsert(tx, cp).await?;
     let removed = s.flag_vanished(tx, cp, &subject_keys).await?;
-    counts.specimens = counts_of(s.subject_key.len(), created, updated, removed);
+    counts
+        .specimens
+        .add(&counts_of(s.subject_key.len(), created, updated, removed));
 
     let f = FormRecordCols::new(subjects);
     let (created, updated) = f.upsert(tx, cp).await?;
     let removed = f.flag_vanished(tx, cp, &subject_keys).await?;
-    counts.form_records = counts_of(f.subject_key.len(), created, updated, removed);
+    counts
+        .form_records
+        .add(&counts_of(f.subject_key.len(), created, updated, removed));
     Ok(counts)
 }
 
@@ -328,7 +379,7 @@ impl Table for ParticipantCols<'_> {
 }
 
 impl<'a> ParticipantCols<'a> {
-    fn new(subjects: &[SubjectPlan<'a>]) -> Self {
+    fn new(subjects: &[&SubjectPlan<'a>]) -> Self {
         let ps = subjects.iter().map(|s| s.participant);
         Self {
             subject_key: ps.clone().map(|p| p.subject_key.as_str()).collect(),
@@ -383,7 +434,7 @@ impl Table for VisitCols<'_> {
 }
 
 impl<'a> VisitCols<'a> {
-    fn new(subjects: &[SubjectPlan<'a>]) -> Self {
+    fn new(subjects: &[&SubjectPlan<'a>]) -> Self {
         let vs = subjects.iter().flat_map(|s| s.visits.iter().copied());
         Self {
             subject_key: vs.clone().map(|v| v.subject_key.as_str()).collect(),
@@ -473,7 +524,7 @@ impl Table for SpecimenCols<'_> {
 }
 
 impl<'a> SpecimenCols<'a> {
-    fn new(subjects: &[SubjectPlan<'a>]) -> Self {
+    fn new(subjects: &[&SubjectPlan<'a>]) -> Self {
         let ss = subjects.iter().flat_map(|s| s.specimens.iter().copied());
         Self {
             subject_key: ss.clone().map(|s| s.subject_key.as_str()).collect(),
@@ -561,7 +612,7 @@ impl Table for FormRecordCols<'_> {
 }
 
 impl<'a> FormRecordCols<'a> {
-    fn new(subjects: &[SubjectPlan<'a>]) -> Self {
+    fn new(subjects: &[&SubjectPlan<'a>]) -> Self {
         let fs = subjects.iter().flat_map(|s| s.form_records.iter().copied());
         Self {
             subject_key: fs.clone().map(|f| f.subject_key.as_str()).collect(),
@@ -797,6 +848,17 @@ WITH u AS (
     RETURNING t.xmax = 0 AS created
 )
 SELECT count(*) FILTER (WHERE created), count(*) FILTER (WHERE NOT created) FROM w";
+
+// The batch's subjects that the CP has no participant row for (probed by
+// primary key, whatever the statistics say).
+const NEW_SUBJECTS: &str = "
+SELECT k.subject_key
+FROM UNNEST($2::text[]) AS k(subject_key)
+LEFT JOIN LATERAL (
+    SELECT true AS found FROM ocsync_data.participants e
+    WHERE e.cp_id = $1::text AND e.subject_key = k.subject_key
+    LIMIT 1) e ON true
+WHERE e.found IS NULL";
 
 // Vanished rows, in two steps. First a read: the active rows of the batch's
 // subjects ($2) whose key is not among the batch's records ($3…), found by

@@ -145,76 +145,60 @@ pub async fn run<S: Sink, C: RunContext>(
         };
         let index = MetadataIndex::new(&study);
         let watermark = state::load_watermark(pool, &cp_id).await?;
-        let mut feed = tokio::select! {
+        let feed = tokio::select! {
             () = cancel.cancelled() => return Ok(aborted(progress)),
             r = Feed::open(&source, kind, mode, &watermark, progress.cursor.subjects_done) => r?,
         };
         if progress.subjects_total.is_none() {
             progress.subjects_total = feed.total;
         }
-        let mut seen = SeenMarks::default();
         let batch_size = cp.batch_size.max(1) as usize;
 
-        loop {
-            let mut batch = Vec::with_capacity(batch_size);
-            let mut ended = false;
-            while batch.len() < batch_size {
-                let next = tokio::select! {
-                    () = cancel.cancelled() => return Ok(aborted(progress)),
-                    r = feed.next() => r,
-                };
-                match next {
-                    Ok(Some(item)) => batch.push(item),
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(e) => {
-                        // Keep the batch gathered so far: commit it, then
-                        // report the failure (its error row says where).
-                        if !batch.is_empty() {
-                            write_batch(
-                                pool,
-                                cp,
-                                mode,
-                                &index,
-                                sink,
-                                ctx,
-                                &mut progress,
-                                &mut seen,
-                                batch,
-                            )
+        // Reading, parsing and mapping the next batch overlaps writing this
+        // one: the producer runs on its own task and hands prepared batches
+        // over a channel of one, so at most three batches are in memory.
+        let (batches, mut prepared) = tokio::sync::mpsc::channel(1);
+        let producer = Producer {
+            pool: pool.clone(),
+            cp: cp.clone(),
+            index,
+            incremental: matches!(mode, Mode::Incremental),
+            batch_size,
+            cancel: cancel.clone(),
+        };
+        let _producer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            tracing::Instrument::in_current_span(producer.run(feed, batches)),
+        ));
+
+        let (seen, listed_last_modified) = loop {
+            let message = tokio::select! {
+                () = cancel.cancelled() => return Ok(aborted(progress)),
+                m = prepared.recv() => m,
+            };
+            match message {
+                Some(Prepared::Batch(batch)) => {
+                    let control =
+                        commit_batch(pool, cp_id.as_str(), sink, ctx, &mut progress, *batch)
+                            .instrument(tracing::info_span!("sync.batch"))
                             .await?;
-                        }
-                        if !e.is_transient() {
-                            record_run_error(pool, ctx, &cp_id, &e, &mut progress).await?;
-                        }
-                        return Err(e);
+                    if control == Control::Stop {
+                        return Ok(aborted(progress));
                     }
                 }
-            }
-            if !batch.is_empty() {
-                let control = write_batch(
-                    pool,
-                    cp,
-                    mode,
-                    &index,
-                    sink,
-                    ctx,
-                    &mut progress,
-                    &mut seen,
-                    batch,
-                )
-                .instrument(tracing::info_span!("sync.batch"))
-                .await?;
-                if control == Control::Stop {
-                    return Ok(aborted(progress));
+                Some(Prepared::Failed(e)) => {
+                    if !e.is_transient() {
+                        record_run_error(pool, ctx, &cp_id, &e, &mut progress).await?;
+                    }
+                    return Err(e);
                 }
+                Some(Prepared::End {
+                    seen,
+                    listed_last_modified,
+                }) => break (seen, listed_last_modified),
+                // The producer stopped without a word: only on cancellation.
+                None => return Ok(aborted(progress)),
             }
-            if ended {
-                break;
-            }
-        }
+        };
 
         let result = if progress.errors == 0 {
             RunResult::Success
@@ -225,7 +209,7 @@ pub async fn run<S: Sink, C: RunContext>(
         if result == RunResult::Success && !matches!(mode, Mode::Subjects { .. }) {
             let mark = Watermark {
                 audit_max_id: seen.audit_max_id,
-                last_modified: feed.listed_last_modified.take().or(seen.last_modified),
+                last_modified: listed_last_modified.or(seen.last_modified),
             };
             state::advance_watermark(&mut tx, &cp_id, ctx.run_id(), &mark).await?;
         }
@@ -252,14 +236,193 @@ fn aborted(progress: Progress) -> RunOutcome {
 }
 
 /// The greatest high-water marks seen in this run's subjects.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct SeenMarks {
     audit_max_id: Option<i64>,
     last_modified: Option<String>,
 }
 
-/// What one subject of a batch comes to.
+/// What the producer hands the writer.
 enum Prepared {
+    Batch(Box<PreparedBatch>),
+    /// The feed failed; everything gathered before it came as a batch.
+    Failed(SyncError),
+    /// The feed ended: the high-water marks seen on the way.
+    End {
+        seen: SeenMarks,
+        listed_last_modified: Option<String>,
+    },
+}
+
+/// One batch, mapped and sorted, ready for its transaction.
+#[derive(Default)]
+struct PreparedBatch {
+    /// Subjects taken from the feed (written, unchanged or failed).
+    taken: u64,
+    last_key: Option<String>,
+    to_write: Vec<SubjectRecords>,
+    /// Fingerprints to keep once the batch is written.
+    written: Vec<Written>,
+    /// Subjects whose fingerprint must go (so they are tried again).
+    failed_keys: Vec<String>,
+    errors: Vec<RecordError>,
+    /// Unchanged and failed-before-writing subjects, counted here.
+    counts: Counts,
+}
+
+/// Reads the feed, maps each subject, and sends batches to the writer.
+struct Producer {
+    pool: PgPool,
+    cp: CpConfig,
+    index: MetadataIndex,
+    incremental: bool,
+    batch_size: usize,
+    cancel: CancellationToken,
+}
+
+impl Producer {
+    async fn run(self, mut feed: Feed, out: tokio::sync::mpsc::Sender<Prepared>) {
+        let mut seen = SeenMarks::default();
+        loop {
+            let mut items = Vec::with_capacity(self.batch_size);
+            let mut failure = None;
+            while items.len() < self.batch_size {
+                let next = tokio::select! {
+                    () = self.cancel.cancelled() => return,
+                    r = feed.next() => r,
+                };
+                match next {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            let ended = items.len() < self.batch_size;
+            if !items.is_empty() {
+                let batch = match self.prepare(items, &mut seen).await {
+                    Ok(b) => Prepared::Batch(Box::new(b)),
+                    Err(e) => Prepared::Failed(e),
+                };
+                let stop = matches!(batch, Prepared::Failed(_));
+                if out.send(batch).await.is_err() || stop {
+                    return;
+                }
+            }
+            if let Some(e) = failure {
+                let _ = out.send(Prepared::Failed(e)).await;
+                return;
+            }
+            if ended {
+                let listed_last_modified = feed.listed_last_modified.take();
+                let _ = out
+                    .send(Prepared::End {
+                        seen,
+                        listed_last_modified,
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+
+    /// Maps one batch's subjects and sorts them: unchanged, to write, failed.
+    async fn prepare(
+        &self,
+        items: Vec<Item>,
+        seen: &mut SeenMarks,
+    ) -> Result<PreparedBatch, SyncError> {
+        let cp_id = self.cp.id.as_str();
+        let known = if self.incremental {
+            let keys: Vec<String> = items
+                .iter()
+                .filter_map(|i| match i {
+                    Item::Subject { subject, .. } => Some(subject.subject_key.clone()),
+                    Item::Failed(_) => None,
+                })
+                .collect();
+            state::load_subject_states(&self.pool, cp_id, &keys).await?
+        } else {
+            Default::default()
+        };
+
+        let mut b = PreparedBatch {
+            taken: items.len() as u64,
+            ..PreparedBatch::default()
+        };
+        for item in items {
+            let (subject, last_modified) = match item {
+                Item::Failed(e) => {
+                    b.counts.participants.failed += 1;
+                    if let Some(key) = &e.subject_key {
+                        b.failed_keys.push(key.clone());
+                    }
+                    b.errors.push(*e);
+                    continue;
+                }
+                Item::Subject {
+                    subject,
+                    last_modified,
+                } => (subject, last_modified),
+            };
+            let audit = subject
+                .audit
+                .max_id_number
+                .and_then(|n| i64::try_from(n).ok());
+            seen.audit_max_id = seen.audit_max_id.max(audit);
+            if let Some(m) = &last_modified
+                && seen.last_modified.as_ref().is_none_or(|s| m > s)
+            {
+                seen.last_modified = Some(m.clone());
+            }
+            b.last_key = Some(subject.subject_key.clone());
+            let prior = known.get(&subject.subject_key);
+            match outcome(
+                &self.cp,
+                &self.index,
+                &subject,
+                audit,
+                last_modified,
+                prior,
+                self.incremental,
+            ) {
+                Outcome::Unchanged(c) => b.counts.add(&c.unchanged()),
+                Outcome::Failed(e) => {
+                    b.counts.participants.failed += 1;
+                    b.errors.extend(e);
+                    b.failed_keys.push(subject.subject_key.clone());
+                }
+                Outcome::Write {
+                    records,
+                    hash,
+                    audit_max_id,
+                    last_modified,
+                    errors,
+                } => {
+                    if errors.is_empty() {
+                        b.written.push(Written {
+                            subject_key: subject.subject_key.clone(),
+                            content_hash: hash,
+                            audit_max_id,
+                            last_modified,
+                            counts: RecordCounts::of(&records),
+                        });
+                    } else {
+                        b.errors.extend(errors);
+                        b.failed_keys.push(subject.subject_key.clone());
+                    }
+                    b.to_write.push(*records);
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// What one subject of a batch comes to.
+enum Outcome {
     /// Unchanged since its last write (incremental): counted, not written.
     Unchanged(RecordCounts),
     Write {
@@ -274,114 +437,25 @@ enum Prepared {
     Failed(Vec<RecordError>),
 }
 
-/// Maps, writes and checkpoints one batch in one transaction.
-#[allow(clippy::too_many_arguments)] // the run's parts, passed down once
-async fn write_batch<S: Sink, C: RunContext>(
+/// Writes and checkpoints one prepared batch in one transaction.
+async fn commit_batch<S: Sink, C: RunContext>(
     pool: &PgPool,
-    cp: &CpConfig,
-    mode: &Mode,
-    index: &MetadataIndex,
+    cp_id: &str,
     sink: &S,
     ctx: &mut C,
     progress: &mut Progress,
-    seen: &mut SeenMarks,
-    batch: Vec<Item>,
+    batch: PreparedBatch,
 ) -> Result<Control, SyncError> {
     let batch_started = std::time::Instant::now();
-    let cp_id = cp.id.as_str();
-    let incremental = matches!(mode, Mode::Incremental);
-    let keys: Vec<String> = batch
-        .iter()
-        .filter_map(|i| match i {
-            Item::Subject { subject, .. } => Some(subject.subject_key.clone()),
-            Item::Failed(_) => None,
-        })
-        .collect();
-    let known = if incremental {
-        state::load_subject_states(pool, cp_id, &keys).await?
-    } else {
-        Default::default()
-    };
-
-    let n = batch.len() as u64;
-    let mut last_key = None;
-    let prepared: Vec<(String, Option<String>, Prepared)> = batch
-        .into_iter()
-        .map(|item| match item {
-            Item::Failed(e) => (
-                e.subject_key.clone().unwrap_or_default(),
-                None,
-                Prepared::Failed(vec![*e]),
-            ),
-            Item::Subject {
-                subject,
-                last_modified,
-            } => {
-                let audit = subject
-                    .audit
-                    .max_id_number
-                    .and_then(|n| i64::try_from(n).ok());
-                seen.audit_max_id = seen.audit_max_id.max(audit);
-                if let Some(m) = &last_modified
-                    && seen.last_modified.as_ref().is_none_or(|s| m > s)
-                {
-                    seen.last_modified = Some(m.clone());
-                }
-                last_key = Some(subject.subject_key.clone());
-                let ppid = subject.study_subject_id.clone();
-                let prior = known.get(&subject.subject_key);
-                let p = prepare(
-                    cp,
-                    index,
-                    &subject,
-                    audit,
-                    last_modified,
-                    prior,
-                    incremental,
-                );
-                (subject.subject_key.clone(), ppid, p)
-            }
-        })
-        .collect();
-
-    let mut to_write = Vec::new();
-    let mut errors = Vec::new();
-    let mut counts = Counts::default();
-    let mut failed_keys = Vec::new();
-    let mut written = Vec::new();
-    for (key, _ppid, p) in prepared {
-        match p {
-            Prepared::Unchanged(c) => counts.add(&c.unchanged()),
-            Prepared::Failed(e) => {
-                counts.participants.failed += 1;
-                errors.extend(e);
-                if !key.is_empty() {
-                    failed_keys.push(key);
-                }
-            }
-            Prepared::Write {
-                records,
-                hash,
-                audit_max_id,
-                last_modified,
-                errors: map_errors,
-            } => {
-                if map_errors.is_empty() {
-                    written.push(Written {
-                        subject_key: key,
-                        content_hash: hash,
-                        audit_max_id,
-                        last_modified,
-                        counts: RecordCounts::of(&records),
-                    });
-                } else {
-                    errors.extend(map_errors);
-                    failed_keys.push(key);
-                }
-                to_write.push(*records);
-            }
-        }
-    }
+    let PreparedBatch {
+        taken,
+        last_key,
+        to_write,
+        mut written,
+        mut failed_keys,
+        mut errors,
+        mut counts,
+    } = batch;
 
     let mut tx = pool.begin().await?;
     let outcome = sink
@@ -408,16 +482,16 @@ async fn write_batch<S: Sink, C: RunContext>(
     state::forget_subject_states(&mut tx, cp_id, &failed_keys).await?;
     state::insert_errors(&mut tx, ctx.run_id(), cp_id, &errors).await?;
 
-    progress.subjects_done += n;
+    progress.subjects_done += taken;
     progress.counts.add(&counts);
     progress.errors += errors.len() as u64;
     progress.cursor = Cursor {
-        subjects_done: progress.cursor.subjects_done + n,
+        subjects_done: progress.cursor.subjects_done + taken,
         last_subject_key: last_key.or(progress.cursor.last_subject_key.take()),
     };
     let control = ctx.checkpoint(&mut tx, progress).await?;
     tx.commit().await?;
-    crate::metrics::batch_committed(cp_id, n, &counts, batch_started.elapsed());
+    crate::metrics::batch_committed(cp_id, taken, &counts, batch_started.elapsed());
     tracing::debug!(
         subjects.done = progress.subjects_done,
         errors = progress.errors,
@@ -428,7 +502,7 @@ async fn write_batch<S: Sink, C: RunContext>(
 
 /// Decides what one subject comes to: skipped as unchanged, written, or
 /// failed.
-fn prepare(
+fn outcome(
     cp: &CpConfig,
     index: &MetadataIndex,
     subject: &Subject,
@@ -436,7 +510,7 @@ fn prepare(
     last_modified: Option<String>,
     prior: Option<&state::SubjectState>,
     incremental: bool,
-) -> Prepared {
+) -> Outcome {
     // The document's audit trail says nothing happened since the last
     // write: skip without even mapping.
     if incremental
@@ -444,7 +518,7 @@ fn prepare(
         && audit.is_some()
         && p.audit_max_id == audit
     {
-        return Prepared::Unchanged(p.counts);
+        return Outcome::Unchanged(p.counts);
     }
     let mapped = mapping::map_subject(cp, index, subject);
     let Some(records) = mapped.records else {
@@ -457,7 +531,7 @@ fn prepare(
                 "the subject could not be mapped",
             ));
         }
-        return Prepared::Failed(errors);
+        return Outcome::Failed(errors);
     };
     let hash = mapping::content_hash(&records);
     if incremental
@@ -465,9 +539,9 @@ fn prepare(
         && let Some(p) = prior
         && p.content_hash == hash
     {
-        return Prepared::Unchanged(p.counts);
+        return Outcome::Unchanged(p.counts);
     }
-    Prepared::Write {
+    Outcome::Write {
         records: Box::new(records),
         hash,
         audit_max_id: audit,

@@ -88,8 +88,12 @@ impl Sim {
     }
 
     fn source(&self, c: Client<'_>) -> Source {
+        Source::new(&self.source_config(c)).unwrap()
+    }
+
+    fn source_config(&self, c: Client<'_>) -> SourceConfig {
         let password = self.password_file(c.password);
-        let config = match c.scheme {
+        match c.scheme {
             Scheme::Oc3 => SourceConfig::Oc3(Oc3Config {
                 base_url: self.handle.base_url_oc3(),
                 study_oid: c.study.into(),
@@ -107,8 +111,7 @@ impl Sim {
                 query: c.flags,
                 network: c.net,
             }),
-        };
-        Source::new(&config).unwrap()
+        }
     }
 
     fn oc3(&self) -> Source {
@@ -440,6 +443,35 @@ async fn oc4_token_is_cached_and_replaced_when_refused() {
     let c = sim.handle.counters();
     assert_eq!(c.tokens_issued, 2);
     assert_eq!(c.count("oc4.clinicaldata", 401), 1);
+}
+
+#[tokio::test]
+async fn runs_one_after_another_share_the_token_until_the_password_changes() {
+    let sim = start(config(3)).await;
+    let registry = ocsync::openclinica::SourceRegistry::new();
+    let config = sim.source_config(Client {
+        scheme: Scheme::Oc4,
+        ..Client::default()
+    });
+    for i in 0..3 {
+        // Each "run" takes its source and drops it when done.
+        let source = registry.source(&config).unwrap();
+        fetch(&source, &subject_key(i)).await;
+    }
+    assert_eq!(sim.handle.counters().tokens_issued, 1);
+
+    // A rotated secret: the next source logs in afresh with the new one.
+    let SourceConfig::Oc4(c) = &config else {
+        unreachable!()
+    };
+    let ocsync::openclinica::CredentialRef::File(path) = &c.password else {
+        unreachable!()
+    };
+    std::fs::write(path, "not-the-password\n").unwrap();
+    let source = registry.source(&config).unwrap();
+    let err = source.metadata().await.unwrap_err();
+    assert!(err.to_string().contains("login rejected"), "{err}");
+    assert_eq!(sim.handle.counters().tokens_issued, 1);
 }
 
 #[tokio::test]

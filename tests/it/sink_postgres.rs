@@ -703,3 +703,67 @@ async fn a_broken_connection_fails_the_batch_as_transient() {
 
     assert!(err.is_transient(), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_batch_of_new_and_known_subjects_counts_each_correctly() {
+    let t = TestDb::migrated().await;
+    let known = vec![subject("SS_A", 2), subject("SS_B", 1)];
+    write(&t.pool, CP, &known).await;
+
+    // SS_A unchanged, SS_B with one changed visit and one vanished visit,
+    // SS_C and SS_D new (copied in, not upserted).
+    let mut b = subject("SS_B", 0);
+    b.visits[0].name = "renamed".to_owned();
+    let batch = vec![
+        subject("SS_C", 1),
+        known[0].clone(),
+        b.clone(),
+        subject("SS_D", 0),
+    ];
+    let out = write(&t.pool, CP, &batch).await;
+
+    assert_eq!(out.errors, vec![]);
+    let mut expected = all(&[subject("SS_C", 1), subject("SS_D", 0)], |n| {
+        ec(n, 0, 0, 0)
+    });
+    expected.add(&all(&known[..1], |n| ec(0, 0, n, 0)));
+    // SS_B: its screening visit updated, its follow-up visit flagged
+    // removed (an update), its specimen and form records of that visit
+    // flagged removed too; participant and screening form unchanged.
+    expected.add(&Counts {
+        participants: ec(0, 0, 1, 0),
+        visits: ec(0, 2, 0, 0),
+        specimens: ec(0, 1, 0, 0),
+        form_records: ec(0, 2, 1, 0),
+    });
+    assert_eq!(out.counts, expected);
+}
+
+#[tokio::test]
+async fn rows_left_behind_by_a_deleted_participant_are_upserted_not_copied() {
+    let t = TestDb::migrated().await;
+    let first = vec![subject("SS_A", 2), subject("SS_B", 1)];
+    write(&t.pool, CP, &first).await;
+    // Someone deletes a participant row by hand; its visits, specimens and
+    // form records stay. The subject now looks new, but copying its rows
+    // would meet their primary keys.
+    sqlx::query("DELETE FROM ocsync_data.participants WHERE cp_id = $1 AND subject_key = 'SS_A'")
+        .bind(CP)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+
+    let batch = vec![first[0].clone(), first[1].clone(), subject("SS_C", 1)];
+    let out = write(&t.pool, CP, &batch).await;
+
+    assert_eq!(out.errors, vec![]);
+    // SS_A's participant is created again, its other rows are found
+    // unchanged; SS_B is unchanged; SS_C is new.
+    let mut expected = all(&[subject("SS_C", 1)], |n| ec(n, 0, 0, 0));
+    expected.add(&all(&first, |n| ec(0, 0, n, 0)));
+    expected.participants = ec(2, 0, 1, 0);
+    assert_eq!(out.counts, expected);
+    let mut all_subjects = batch.clone();
+    all_subjects.sort_by(|x, y| x.participant.subject_key.cmp(&y.participant.subject_key));
+    assert_eq!(read_cp(&t.pool, CP).await, sorted(&all_subjects));
+}

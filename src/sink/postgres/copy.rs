@@ -1,0 +1,217 @@
+//! `COPY … FROM STDIN` (text format) for subjects the CP has never seen.
+//!
+//! A subject with no row in `participants` for the CP has nothing to
+//! compare against, nothing to flag vanished (its other tables are empty
+//! for it: this sink writes a subject's rows together) and nothing to
+//! update, so its rows go in by `COPY`, PostgreSQL's fastest way in, and
+//! all count as `created`. Should that assumption fail (rows left behind
+//! by hand after their participant was deleted), `COPY` meets the primary
+//! key, fails with a unique violation, and the caller writes the batch
+//! again through the upsert path, which handles anything.
+
+use sqlx::PgConnection;
+
+use super::super::plan::SubjectPlan;
+use super::super::{Counts, EntityCounts};
+use super::{WriteFailure, json};
+
+/// Rows in COPY's text format: tab-separated, `\N` for NULL, backslash
+/// escapes for backslash, tab, newline and carriage return.
+#[derive(Default)]
+struct Rows {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl Rows {
+    fn text(&mut self, value: &str) {
+        let bytes = value.as_bytes();
+        if !bytes
+            .iter()
+            .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+        {
+            self.buf.extend_from_slice(bytes);
+            return;
+        }
+        for &b in bytes {
+            match b {
+                b'\\' => self.buf.extend_from_slice(b"\\\\"),
+                b'\t' => self.buf.extend_from_slice(b"\\t"),
+                b'\n' => self.buf.extend_from_slice(b"\\n"),
+                b'\r' => self.buf.extend_from_slice(b"\\r"),
+                _ => self.buf.push(b),
+            }
+        }
+    }
+
+    fn opt(&mut self, value: Option<&str>) {
+        match value {
+            Some(v) => self.text(v),
+            None => self.buf.extend_from_slice(b"\\N"),
+        }
+    }
+
+    /// One row: the CP first, then `fields` (each `Some` text or NULL).
+    fn row<'v>(&mut self, cp: &str, fields: impl IntoIterator<Item = Option<&'v str>>) {
+        self.text(cp);
+        for f in fields {
+            self.buf.push(b'\t');
+            self.opt(f);
+        }
+        self.buf.push(b'\n');
+        self.count += 1;
+    }
+}
+
+const PARTICIPANTS: &str = "COPY ocsync_data.participants (cp_id, subject_key, ppid, study_oid, \
+    site, uid, birth_date, gender, registration_date, oc_status, status, fields) FROM STDIN";
+const VISITS: &str = "COPY ocsync_data.visits (cp_id, subject_key, event_oid, event_repeat_key, \
+    event_label, name, visit_date, end_date, site, oc_status, status) FROM STDIN";
+const SPECIMENS: &str = "COPY ocsync_data.specimens (cp_id, subject_key, event_oid, \
+    event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, label, specimen_type, \
+    quantity, collection_time, fields, status) FROM STDIN";
+const FORM_RECORDS: &str = "COPY ocsync_data.form_records (cp_id, subject_key, event_oid, \
+    event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, form_oid, form_version, \
+    form_status, status, values, item_names) FROM STDIN";
+
+/// Copies every record of `subjects` (all new to the CP) into the four
+/// tables; every row counts as created.
+pub(super) async fn copy_new(
+    tx: &mut PgConnection,
+    cp: &str,
+    subjects: &[&SubjectPlan<'_>],
+) -> Result<Counts, WriteFailure> {
+    let mut participants = Rows::default();
+    let mut visits = Rows::default();
+    let mut specimens = Rows::default();
+    let mut form_records = Rows::default();
+    for s in subjects {
+        let p = s.participant;
+        let fields = json(&p.fields);
+        participants.row(
+            cp,
+            [
+                Some(p.subject_key.as_str()),
+                Some(&p.ppid),
+                Some(&p.study_oid),
+                p.site.as_deref(),
+                p.uid.as_deref(),
+                p.birth_date.as_deref(),
+                p.gender.as_deref(),
+                p.registration_date.as_deref(),
+                p.oc_status.as_deref(),
+                Some(p.status.as_str()),
+                Some(&fields),
+            ],
+        );
+        for v in &s.visits {
+            visits.row(
+                cp,
+                [
+                    Some(v.subject_key.as_str()),
+                    Some(&v.event_oid),
+                    Some(&v.event_repeat_key),
+                    Some(&v.event_label),
+                    Some(&v.name),
+                    v.visit_date.as_deref(),
+                    v.end_date.as_deref(),
+                    v.site.as_deref(),
+                    v.oc_status.as_deref(),
+                    Some(v.status.as_str()),
+                ],
+            );
+        }
+        for x in &s.specimens {
+            let fields = json(&x.fields);
+            specimens.row(
+                cp,
+                [
+                    Some(x.subject_key.as_str()),
+                    Some(&x.event_oid),
+                    Some(&x.event_repeat_key),
+                    Some(&x.crf_oid),
+                    Some(&x.item_group_oid),
+                    Some(&x.item_group_repeat_key),
+                    x.label.as_deref(),
+                    x.specimen_type.as_deref(),
+                    x.quantity.as_deref(),
+                    x.collection_time.as_deref(),
+                    Some(&fields),
+                    Some(x.status.as_str()),
+                ],
+            );
+        }
+        for f in &s.form_records {
+            let (values, names) = (json(&f.values), json(&f.item_names));
+            form_records.row(
+                cp,
+                [
+                    Some(f.subject_key.as_str()),
+                    Some(&f.event_oid),
+                    Some(&f.event_repeat_key),
+                    Some(&f.crf_oid),
+                    Some(&f.item_group_oid),
+                    Some(&f.item_group_repeat_key),
+                    Some(&f.form_oid),
+                    f.form_version.as_deref(),
+                    f.form_status.as_deref(),
+                    Some(f.status.as_str()),
+                    Some(&values),
+                    Some(&names),
+                ],
+            );
+        }
+    }
+    let created = |rows: &Rows| EntityCounts {
+        created: rows.count,
+        ..EntityCounts::default()
+    };
+    let counts = Counts {
+        participants: created(&participants),
+        visits: created(&visits),
+        specimens: created(&specimens),
+        form_records: created(&form_records),
+    };
+    copy(tx, PARTICIPANTS, participants, "participants").await?;
+    copy(tx, VISITS, visits, "visits").await?;
+    copy(tx, SPECIMENS, specimens, "specimens").await?;
+    copy(tx, FORM_RECORDS, form_records, "form_records").await?;
+    Ok(counts)
+}
+
+async fn copy(
+    tx: &mut PgConnection,
+    statement: &'static str,
+    rows: Rows,
+    table: &'static str,
+) -> Result<(), WriteFailure> {
+    if rows.count == 0 {
+        return Ok(());
+    }
+    let failed = |error| WriteFailure { table, error };
+    let mut copy = tx.copy_in_raw(statement).await.map_err(failed)?;
+    let sent = copy.send(rows.buf).await.map(|_| ());
+    if let Err(e) = sent {
+        // Leave the connection usable: end the COPY before reporting.
+        let _ = copy.abort("ocsync: sending rows failed").await;
+        return Err(failed(e));
+    }
+    copy.finish().await.map_err(failed)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rows;
+
+    #[test]
+    fn text_format_escapes_what_copy_reads_specially() {
+        let mut r = Rows::default();
+        r.row("CP", [Some("a\tb\nc\rd\\e"), None, Some(""), Some("\\N")]);
+        assert_eq!(
+            String::from_utf8(r.buf).unwrap(),
+            "CP\ta\\tb\\nc\\rd\\\\e\t\\N\t\t\\\\N\n"
+        );
+        assert_eq!(r.count, 1);
+    }
+}
