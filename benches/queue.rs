@@ -26,15 +26,25 @@ struct Worker(Child);
 
 impl Worker {
     fn spawn(url: &str) -> Self {
+        // QUEUE_BENCH_LOG_DIR=dir keeps each worker's log (RUST_LOG as set).
+        let log = std::env::var_os("QUEUE_BENCH_LOG_DIR").map(|dir| {
+            let path = Path::new(&dir).join(format!("worker-{}.log", rand::random::<u32>()));
+            std::fs::File::create(path).expect("create worker log")
+        });
         let child = Command::new(env!("CARGO_BIN_EXE_ocsync"))
             .args(["worker", "--no-schedule"])
             .env("DATABASE_URL", url)
             .env("DATABASE_MAX_CONNECTIONS", "6")
             .env("WORKER_CONCURRENCY", "2")
             .env("WORKER_POLL_INTERVAL_MS", "500")
-            .env("RUST_LOG", "warn")
+            // Each process would otherwise try the same metrics port.
+            .env("METRICS_LISTEN", "127.0.0.1:0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.map_or_else(Stdio::null, Stdio::from))
             .spawn()
             .expect("spawn ocsync worker");
         Self(child)
@@ -118,6 +128,10 @@ fn pct(samples: &mut [f64], p: f64) -> f64 {
 async fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let (cps, samples) = if measuring { (1000, 50) } else { (8, 3) };
+    let cps: usize = std::env::var("QUEUE_BENCH_CPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cps);
     let server = std::env::var("OCSYNC_TEST_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())

@@ -110,15 +110,6 @@ async fn run(subjects: u32, batch: usize) {
         pool.close().await;
         let mut conn = db::connect_one(&config).await.unwrap();
         measure(&mut conn, &records, rows, batch).await;
-        let o = &config.options;
-        if o.get_socket().is_none() && !o.get_host().starts_with('/') {
-            println!(
-                "note: measured over TCP. sqlx 0.9.0 leaves Nagle's algorithm on (sqlx issue #4335), so a \
-                 statement larger than one TCP segment can wait ~40 ms for a delayed ACK. Over a Unix \
-                 socket (OCSYNC_TEST_DATABASE_URL=postgres://postgres@localhost/postgres?host=/var/run/postgresql) \
-                 there is no such stall."
-            );
-        }
         conn.close().await.unwrap();
     };
     result.await;

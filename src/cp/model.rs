@@ -240,7 +240,7 @@ fn yes() -> bool {
 }
 
 fn default_batch_size() -> u32 {
-    50
+    200
 }
 
 fn batch_size<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

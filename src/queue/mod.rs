@@ -32,6 +32,7 @@ pub mod enqueue;
 pub mod job;
 pub mod retention;
 pub mod runs;
+pub mod wake;
 pub mod worker;
 
 pub use abort::{ABORT_CHANNEL, AbortError, AbortOutcome, abort};

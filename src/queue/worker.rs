@@ -1,7 +1,8 @@
 //! The worker: apalis wiring and the handler that runs one sync attempt.
 //!
 //! Wiring (see APALIS.md for why each setting): `PostgresStorage` on queue
-//! [`QUEUE`], woken by LISTEN/NOTIFY with a poll interval as fallback;
+//! [`QUEUE`], woken by LISTEN/NOTIFY with a poll interval as fallback
+//! ([`super::wake`]: apalis's own combination stops ticking);
 //! concurrency and fetch batch size equal; heartbeat interval and missed
 //! heartbeats from the configuration; the worker named `<host>-<ulid>` so a
 //! restarted process never revives a dead one's name and strands its jobs.
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_core::backend::ext::poll_strategy::{PollWith, Strategy};
+use apalis_core::backend::ext::poll_strategy::PollWith;
 use apalis_postgres::{PostgresStorage, Pubsub};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -143,9 +144,10 @@ pub async fn run_worker(
         .heartbeat_interval(config.heartbeat)
         .missed_heartbeats(config.missed_heartbeats);
     let storage = PostgresStorage::<SyncJob>::new(&pool).with_config(apalis_config);
-    let strategy = Strategy::new()
-        .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
-        .interval(config.poll_interval);
+    let strategy = super::wake::Wake::new(
+        Pubsub::new(pool.clone(), QUEUE.to_owned()),
+        config.poll_interval,
+    );
     let backend = PollWith::new(storage, strategy);
 
     tracing::info!(worker = %name, concurrency = config.concurrency, "worker started");

@@ -79,6 +79,11 @@ struct Worker {
 
 impl Worker {
     fn spawn(t: &TestDb, dir: &Path, label: &str) -> Self {
+        Self::spawn_with(t, dir, label, &[])
+    }
+
+    /// A worker with some settings of its own (`env` wins).
+    fn spawn_with(t: &TestDb, dir: &Path, label: &str, env: &[(&str, &str)]) -> Self {
         let log = std::fs::File::create(dir.join(format!("worker-{label}.log"))).unwrap();
         let mut cmd = ocsync();
         cmd.arg("worker")
@@ -91,6 +96,7 @@ impl Worker {
             .env("WORKER_POLL_INTERVAL_MS", "200")
             .env("RUN_RETRY_BASE_SECS", "0")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);
         Self {
@@ -170,6 +176,96 @@ async fn wait_until(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A run that no NOTIFY announces (one not yet due when it was inserted,
+/// like a retry waiting out its backoff) is found by the poll interval
+/// (200 ms), not by the next heartbeat (a minute away).
+#[tokio::test]
+async fn a_run_no_notification_announces_is_found_by_the_poll_interval() {
+    let (t, dir) = with_cp("CP1", 3, 10).await;
+    let _w = Worker::spawn_with(
+        &t,
+        dir.path(),
+        "w",
+        &[
+            ("WORKER_HEARTBEAT_SECS", "60"),
+            ("WORKER_MISSED_HEARTBEATS", "5"),
+        ],
+    );
+    // Registered, and several ticks found nothing to do.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Inserted not yet due: the insert trigger's NOTIFY goes out, but the
+    // fetch it causes finds nothing.
+    let mut tx = t.pool.begin().await.unwrap();
+    let id: String = sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP1', 'all')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE apalis.jobs SET run_at = now() + interval '1 second' WHERE id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let asked = Instant::now();
+
+    let r = wait_until(&t.pool, &id, dir.path(), "the run to end", |r| {
+        r.status.is_terminal()
+    })
+    .await;
+    assert_eq!(r.status, queue::RunStatus::Success);
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "found only after {:?}: the poll interval stopped and the heartbeat found it",
+        asked.elapsed()
+    );
+}
+
+/// Trap: with apalis's own wake-up strategy (`Strategy::new().stream(..)
+/// .interval(..)`), workers stopped being woken, and the completions of
+/// their last runs sat unrecorded until the next heartbeat (four worker
+/// processes fell below a tenth of one process's throughput). Four
+/// workers, 300 short runs, heartbeats a minute apart: every run must reach
+/// its final status long before a heartbeat could have recorded it. (This
+/// test fails with apalis's strategy in place of `queue::wake::Wake`.)
+#[tokio::test]
+async fn many_short_runs_on_four_workers_all_end_without_waiting_for_a_heartbeat() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let study = write_study(dir.path(), 2);
+    let n = 300;
+    for i in 0..n {
+        store::add(&t.pool, &cp_config(&format!("CP{i:02}"), &study, 10))
+            .await
+            .unwrap();
+    }
+    let slow = [
+        ("WORKER_HEARTBEAT_SECS", "60"),
+        ("WORKER_MISSED_HEARTBEATS", "5"),
+        ("WORKER_POLL_INTERVAL_MS", "500"),
+    ];
+    let _w: Vec<Worker> = (0..4)
+        .map(|i| Worker::spawn_with(&t, dir.path(), &format!("w{i}"), &slow))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(sql_enqueue(&t.pool, &format!("CP{i:02}")).await.unwrap());
+    }
+    for id in &ids {
+        let r = wait_until(&t.pool, id, dir.path(), "every run to end", |r| {
+            r.status.is_terminal()
+        })
+        .await;
+        assert_eq!(r.status, queue::RunStatus::Success);
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "the runs took {:?}: some waited for a heartbeat",
+        asked.elapsed()
+    );
 }
 
 async fn sql_enqueue(pool: &PgPool, cp: &str) -> Result<String, sqlx::Error> {
