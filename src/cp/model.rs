@@ -985,7 +985,7 @@ ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1"
         )
         .unwrap();
         assert!(c.enabled);
-        assert_eq!(c.batch_size, 50);
+        assert_eq!(c.batch_size, 200);
         assert_eq!(c.ppid, PpidSource::StudySubjectId);
         assert_eq!(c.visit_name.as_str(), VisitNameTemplate::DEFAULT);
         assert_eq!(c.crfs, CrfSelection::default());
