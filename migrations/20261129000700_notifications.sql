@@ -112,6 +112,10 @@ COMMENT ON FUNCTION ocsync.queue_run_notifications() IS
 -- writes (metadata only) never call the function. A Failed row whose
 -- attempts or max_attempts change is checked too, since that can end a
 -- waiting retry.
+-- Measured on the development machine (20,000 rows, one UPDATE): ending
+-- runs of CPs without recipients costs ~27 µs more per run with the
+-- trigger, queueing two notifications ~150 µs; metadata-only updates cost
+-- the same with and without it.
 DROP TRIGGER IF EXISTS ocsync_run_ended ON apalis.jobs;
 CREATE TRIGGER ocsync_run_ended
     AFTER UPDATE ON apalis.jobs
