@@ -5,10 +5,9 @@
 //!
 //! - **Events** (run outcomes and durations, records written, batch
 //!   durations, OpenClinica and OpenSpecimen requests, abort latency,
-//!   notification deliveries) are
-//!   counted where they happen through the `metrics` facade and rendered by
-//!   `metrics-exporter-prometheus`. They are per process; Prometheus sums
-//!   them across pods.
+//!   notification deliveries) are counted where they happen through the
+//!   `metrics` facade and rendered by `metrics-exporter-prometheus`. They
+//!   are per process; Prometheus sums them across pods.
 //! - **State** (runs by status and CP, progress of runs in progress, queue
 //!   depth and the age of the oldest queued run, live workers, the last
 //!   successful sync and the schedule of each CP) is read from the database
@@ -19,8 +18,8 @@
 //!   says 0.
 //!
 //! Labels come from closed sets (status, mode, trigger, entity, outcome,
-//! upstream, status class, channel) plus the CP id; never run ids, subject keys or
-//! values. Every series has help text, registered by [`install`].
+//! upstream, status class, channel) plus the CP id; never run ids, subject
+//! keys or values. Every series has help text, registered by [`install`].
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
