@@ -750,7 +750,7 @@ async fn a_failed_run_sends_exactly_one_email_and_one_signed_webhook_without_stu
             text.replace(k.as_str(), "<checked>")
         })
     };
-    let hook_text = mask(&String::from_utf8(h.body.to_vec()).unwrap());
+    let hook_text = mask(std::str::from_utf8(&h.body).unwrap());
     // The email's subject and body (its other headers, Date and a random
     // Message-ID, are lettre's).
     let subject = headers
