@@ -31,6 +31,16 @@
 //! | `RUN_TIMEOUT_SECS` | `21600` | One attempt longer than this fails (and is retried from its checkpoint) (1–604800). |
 //! | `SCHEDULE_CRON` | `0 * * * *` | When the Study Data Importer enqueues an incremental run of every enabled CP (5-field cron, UTC); a CP's own `schedule` overrides it. |
 //! | `RETENTION_DAYS` | `30` | Finished runs and their error reports are deleted after this many days (1–3650). |
+//! | `SMTP_HOST` | unset | SMTP server for notification emails; unset turns email off (a CP that asks for email gets a recorded delivery failure). |
+//! | `SMTP_PORT` | `587` | SMTP port (1–65535); the default follows `SMTP_TLS`: 587 for `starttls`, 465 for `tls`, 25 for `none`. |
+//! | `SMTP_TLS` | `starttls` | `starttls` (upgrade required), `tls` (TLS from the first byte) or `none` (plain text: a relay on a trusted network only). |
+//! | `SMTP_USERNAME` | unset | SMTP login; set it with `SMTP_PASSWORD`, or neither. |
+//! | `SMTP_PASSWORD` | unset | SMTP password. Secret. |
+//! | `SMTP_FROM` | unset | Sender of notification emails (`ocsync@example.org` or `ocsync <ocsync@example.org>`); required with `SMTP_HOST`. |
+//! | `PUBLIC_URL` | `http://localhost:8080` | Where people reach ocsync; notifications link to `{PUBLIC_URL}/ui/runs/{id}`. |
+//! | `NOTIFY_MAX_ATTEMPTS` | `8` | Delivery attempts per notification before it is recorded failed (1–100). |
+//! | `NOTIFY_RETRY_BASE_SECS` | `30` | First delay before a notification is tried again; doubled per attempt, at most one hour, each drawn at random between half and all of it (0–3600). |
+//! | `NOTIFY_TIMEOUT_SECS` | `30` | Longest one delivery (an SMTP conversation, a webhook request) may take (1–600). |
 //!
 //! The OpenTelemetry SDK reads its other standard variables itself
 //! (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
@@ -74,6 +84,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
     pub queue: QueueConfig,
+    pub notify: NotifyConfig,
 }
 
 impl Config {
@@ -91,6 +102,7 @@ impl Config {
             api: ApiConfig::from_lookup(env)?,
             metrics: MetricsConfig::from_lookup(env)?,
             queue: QueueConfig::from_lookup(env)?,
+            notify: NotifyConfig::from_lookup(env)?,
         })
     }
 }
@@ -137,6 +149,167 @@ impl QueueConfig {
             schedule_cron,
             retention: Duration::from_secs(env.ranged("RETENTION_DAYS", 30, 1..=3650)? * 86_400),
         })
+    }
+}
+
+/// Notifications of ended runs: the SMTP server, the base of the run page
+/// link, and how deliveries are retried. Which runs notify whom is each
+/// CP's `[notify]` section.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// `None` when `SMTP_HOST` is unset: email is off.
+    pub smtp: Option<SmtpConfig>,
+    /// The base of run page links, without a trailing slash.
+    pub public_url: url::Url,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    /// The longest one delivery may take.
+    pub timeout: Duration,
+}
+
+impl NotifyConfig {
+    /// Every default, without reading the environment (email off).
+    pub fn defaults() -> Self {
+        Self::from_lookup(&Env::Fixed(Default::default())).expect("the defaults are valid")
+    }
+
+    pub fn from_lookup(env: &Env) -> Result<Self, ConfigError> {
+        let raw = env
+            .get("PUBLIC_URL")
+            .unwrap_or_else(|| "http://localhost:8080".to_owned());
+        let mut public_url = http_url("PUBLIC_URL", &raw)?;
+        if public_url.query().is_some() || public_url.fragment().is_some() {
+            return Err(ConfigError::new(
+                "PUBLIC_URL",
+                "must not have a query or a fragment: links are built by appending /ui/runs/{id}",
+            ));
+        }
+        let path = public_url.path().trim_end_matches('/').to_owned();
+        public_url.set_path(&path);
+        Ok(Self {
+            smtp: SmtpConfig::from_lookup(env)?,
+            public_url,
+            max_attempts: env.ranged("NOTIFY_MAX_ATTEMPTS", 8, 1..=100)? as u32,
+            retry_base: Duration::from_secs(env.ranged("NOTIFY_RETRY_BASE_SECS", 30, 0..=3600)?),
+            timeout: Duration::from_secs(env.ranged("NOTIFY_TIMEOUT_SECS", 30, 1..=600)?),
+        })
+    }
+
+    /// The page of run `id`: `{PUBLIC_URL}/ui/runs/{id}`.
+    pub fn run_url(&self, id: &str) -> String {
+        format!(
+            "{}/ui/runs/{id}",
+            self.public_url.as_str().trim_end_matches('/')
+        )
+    }
+}
+
+/// How the SMTP connection is protected (`SMTP_TLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text; for a relay on a trusted network.
+    None,
+    /// Plain connect, then STARTTLS, which the server must offer.
+    StartTls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+}
+
+impl FromStr for SmtpTls {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "starttls" => Ok(Self::StartTls),
+            "tls" => Ok(Self::Tls),
+            _ => Err("expected starttls, tls or none".into()),
+        }
+    }
+}
+
+/// The SMTP server notification emails go through.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    password: Option<SecretString>,
+    /// The sender, already checked.
+    pub from: lettre::message::Mailbox,
+}
+
+impl fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("from", &self.from.to_string())
+            .finish()
+    }
+}
+
+impl SmtpConfig {
+    /// `None` when `SMTP_HOST` is unset.
+    pub fn from_lookup(env: &Env) -> Result<Option<Self>, ConfigError> {
+        let Some(host) = env.get("SMTP_HOST").map(|h| h.trim().to_owned()) else {
+            return Ok(None);
+        };
+        if host.contains("://") || host.contains(['/', ' ']) {
+            return Err(ConfigError::new(
+                "SMTP_HOST",
+                "expected a host name or address (without scheme or port), e.g. smtp.example.org",
+            ));
+        }
+        let tls: SmtpTls = env.parse_or("SMTP_TLS", SmtpTls::StartTls)?;
+        let default_port = match tls {
+            SmtpTls::None => 25,
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+        };
+        let port = env.ranged("SMTP_PORT", default_port, 1..=65_535)? as u16;
+        let username = env.get("SMTP_USERNAME");
+        let password = env.get("SMTP_PASSWORD").map(SecretString::from);
+        match (&username, &password) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "SMTP_PASSWORD",
+                    "is unset while SMTP_USERNAME is set; set both or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "SMTP_USERNAME",
+                    "is unset while SMTP_PASSWORD is set; set both or neither",
+                ));
+            }
+            _ => {}
+        }
+        let from = env.get("SMTP_FROM").ok_or_else(|| {
+            ConfigError::new(
+                "SMTP_FROM",
+                "is required with SMTP_HOST (the sender, e.g. ocsync@example.org)",
+            )
+        })?;
+        let from = from.trim().parse().map_err(|e| {
+            ConfigError::new("SMTP_FROM", format!("not an email address or mailbox: {e}"))
+        })?;
+        Ok(Some(Self {
+            host,
+            port,
+            tls,
+            username,
+            password,
+            from,
+        }))
+    }
+
+    /// The password, when there is one. Secret.
+    pub fn password(&self) -> Option<&SecretString> {
+        self.password.as_ref()
     }
 }
 
@@ -451,6 +624,10 @@ mod tests {
             ("WORKER_CONCURRENCY", "0", "out of range"),
             ("RUN_MAX_ATTEMPTS", "many", "cannot parse"),
             ("SCHEDULE_CRON", "every hour", "5 fields"),
+            ("PUBLIC_URL", "ocsync.example.org", "not a URL"),
+            ("PUBLIC_URL", "https://x/?a=b", "query"),
+            ("NOTIFY_MAX_ATTEMPTS", "0", "out of range"),
+            ("NOTIFY_TIMEOUT_SECS", "soon", "cannot parse"),
         ];
         for (var, value, want) in cases {
             let err = load(&[(var, value)]).unwrap_err();
@@ -465,6 +642,85 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let ok = load(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]).unwrap();
         assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn smtp_is_off_without_a_host_and_checked_with_one() {
+        let c = load(&[]).unwrap();
+        assert!(c.notify.smtp.is_none());
+        assert_eq!(c.notify.max_attempts, 8);
+        assert_eq!(
+            c.notify.run_url("01J0000000000000000000000A"),
+            "http://localhost:8080/ui/runs/01J0000000000000000000000A"
+        );
+        let c = load(&[
+            ("SMTP_HOST", "smtp.example.org"),
+            ("SMTP_FROM", "ocsync <ocsync@example.org>"),
+            ("SMTP_USERNAME", "ocsync"),
+            ("SMTP_PASSWORD", "hunter2"),
+            ("PUBLIC_URL", "https://lab.example.org/ocsync/"),
+        ])
+        .unwrap();
+        let smtp = c.notify.smtp.as_ref().unwrap();
+        assert_eq!((smtp.port, smtp.tls), (587, SmtpTls::StartTls));
+        assert_eq!(smtp.from.email.to_string(), "ocsync@example.org");
+        assert_eq!(smtp.password().unwrap().expose_secret(), "hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(
+            c.notify.run_url("R1"),
+            "https://lab.example.org/ocsync/ui/runs/R1"
+        );
+        let tls = load(&[
+            ("SMTP_HOST", "h"),
+            ("SMTP_FROM", "a@b.org"),
+            ("SMTP_TLS", "tls"),
+        ])
+        .unwrap();
+        assert_eq!(tls.notify.smtp.unwrap().port, 465);
+        for (pairs, var, want) in [
+            (vec![("SMTP_HOST", "h")], "SMTP_FROM", "required"),
+            (
+                vec![("SMTP_HOST", "h"), ("SMTP_FROM", "not an address")],
+                "SMTP_FROM",
+                "not an email address",
+            ),
+            (
+                vec![("SMTP_HOST", "smtp://h"), ("SMTP_FROM", "a@b.org")],
+                "SMTP_HOST",
+                "host name",
+            ),
+            (
+                vec![
+                    ("SMTP_HOST", "h"),
+                    ("SMTP_FROM", "a@b.org"),
+                    ("SMTP_TLS", "ssl"),
+                ],
+                "SMTP_TLS",
+                "starttls, tls or none",
+            ),
+            (
+                vec![
+                    ("SMTP_HOST", "h"),
+                    ("SMTP_FROM", "a@b.org"),
+                    ("SMTP_USERNAME", "u"),
+                ],
+                "SMTP_PASSWORD",
+                "both or neither",
+            ),
+            (
+                vec![
+                    ("SMTP_HOST", "h"),
+                    ("SMTP_FROM", "a@b.org"),
+                    ("SMTP_PORT", "0"),
+                ],
+                "SMTP_PORT",
+                "out of range",
+            ),
+        ] {
+            let err = load(&pairs).unwrap_err();
+            assert_eq!(err.var, var, "{pairs:?}");
+            assert!(err.reason.contains(want), "{pairs:?}: {err}");
+        }
     }
 
     #[test]

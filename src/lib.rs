@@ -7,6 +7,7 @@ pub mod cp;
 pub mod db;
 pub mod mapping;
 pub mod metrics;
+pub mod notify;
 pub mod odm;
 pub mod openclinica;
 pub mod queue;

@@ -57,10 +57,12 @@ enum Command {
     ///
     /// Any number of workers on any number of machines share the queue;
     /// WORKER_CONCURRENCY runs at once per process. Also fires the Study
-    /// Data Importer schedule (SCHEDULE_CRON; one replica wins each tick)
-    /// and prunes runs older than RETENTION_DAYS.
+    /// Data Importer schedule (SCHEDULE_CRON; one replica wins each tick),
+    /// prunes runs older than RETENTION_DAYS, and delivers the emails and
+    /// webhooks of ended runs (SMTP_*, PUBLIC_URL, a CP's [notify]).
     Worker(ocsync::queue::cli::WorkerArgs),
-    /// The API, a worker, the schedule and retention in one process.
+    /// The API, a worker, the schedule, retention and notifications in one
+    /// process.
     Serve,
     /// Enqueue a sync run of a CP and print its id. With --wait, show its
     /// progress until it ends; exit status 0 Success, 1 Failed (or refused:

@@ -4,10 +4,10 @@
 //! Two kinds of series:
 //!
 //! - **Events** (run outcomes and durations, records written, batch
-//!   durations, OpenClinica and OpenSpecimen requests, abort latency) are
-//!   counted where they happen through the `metrics` facade and rendered by
-//!   `metrics-exporter-prometheus`. They are per process; Prometheus sums
-//!   them across pods.
+//!   durations, OpenClinica and OpenSpecimen requests, abort latency,
+//!   notification deliveries) are counted where they happen through the
+//!   `metrics` facade and rendered by `metrics-exporter-prometheus`. They
+//!   are per process; Prometheus sums them across pods.
 //! - **State** (runs by status and CP, progress of runs in progress, queue
 //!   depth and the age of the oldest queued run, live workers, the last
 //!   successful sync and the schedule of each CP) is read from the database
@@ -18,8 +18,8 @@
 //!   says 0.
 //!
 //! Labels come from closed sets (status, mode, trigger, entity, outcome,
-//! upstream, status class) plus the CP id; never run ids, subject keys or
-//! values. Every series has help text, registered by [`install`].
+//! upstream, status class, channel) plus the CP id; never run ids, subject
+//! keys or values. Every series has help text, registered by [`install`].
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -61,6 +61,8 @@ pub const REQUEST_DURATION: &str = "ocsync_upstream_request_duration_seconds";
 pub const REQUEST_ERRORS: &str = "ocsync_upstream_request_errors_total";
 /// Seconds from an abort request to the run's end: `cp`.
 pub const ABORT_LATENCY: &str = "ocsync_abort_latency_seconds";
+/// Notification delivery attempts: `cp`, `channel`, `outcome`.
+pub const NOTIFICATIONS: &str = "ocsync_notifications_total";
 
 /// Which upstream a request went to (the `upstream` label).
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +143,10 @@ fn describe() {
         REQUEST_ERRORS,
         "HTTP requests to OpenClinica and OpenSpecimen that failed (5xx, 429, timeout, network), by upstream and status class."
     );
+    describe_counter!(
+        NOTIFICATIONS,
+        "Notification delivery attempts, by CP, channel (email|webhook) and outcome (sent|retry|failed: given up)."
+    );
     describe_histogram!(
         ABORT_LATENCY,
         Unit::Seconds,
@@ -179,6 +185,13 @@ pub fn upstream_request(
     if failed {
         counter!(REQUEST_ERRORS, &labels).increment(1);
     }
+}
+
+/// Records one notification delivery attempt (`outcome`: sent, retry or
+/// failed).
+pub fn notification_attempt(cp: &str, channel: &'static str, outcome: &'static str) {
+    counter!(NOTIFICATIONS, "cp" => cp.to_owned(), "channel" => channel, "outcome" => outcome)
+        .increment(1);
 }
 
 /// Records one committed batch: its duration, subjects and record counts.

@@ -31,7 +31,7 @@ use super::problem::ProblemDoc;
         super::cps::show,
         super::cps::update,
     ),
-    components(schemas(ProblemDoc, crate::queue::api::StatusParam, Run, RunList, RunCounts, EntityCounts, RunStatus, Readiness)),
+    components(schemas(ProblemDoc, crate::queue::api::StatusParam, Run, RunList, RunCounts, EntityCounts, RunStatus, Readiness, crate::notify::Delivery, crate::notify::DeliveryStatus, crate::notify::Channel)),
     modifiers(&SharedResponses),
 )]
 pub struct ApiDoc;
@@ -160,6 +160,9 @@ pub struct Run {
     pub error_count: i64,
     /// Why the last attempt failed (no clinical values).
     pub last_error: Option<String>,
+    /// The notifications of the run's end (none while it runs, or when its
+    /// CP has no `[notify]` section).
+    pub notifications: Vec<crate::notify::Delivery>,
 }
 
 #[derive(ToSchema)]

@@ -49,12 +49,24 @@
 //! form_id = 12
 //! form_ctxt_id = 34
 //! level = "visit"
+//!
+//! [notify]                           # optional; who hears about runs ending
+//! email = ["biobank-team@example.org"]
+//! webhook_url = "https://hooks.example.org/ocsync"
+//! webhook_secret = { env = "OCSYNC_WEBHOOK_SECRET" }
+//! on_success = false                 # Failed and Aborted always notify
 //! ```
 //!
 //! `[target]` says where the CP's records are written: `kind = "postgres"`
 //! (the `ocsync_data` tables, the default) or `kind = "openspecimen"` with
 //! the settings of [`OpenSpecimenConfig`] (see its module for every key and
 //! default).
+//!
+//! `[notify]` names who is told when a run ends Failed or Aborted (and
+//! Success with `on_success = true`): email recipients (sent through the
+//! `SMTP_*` server), a webhook URL whose JSON is signed with the secret
+//! that `webhook_secret` refers to, or both. Its keys and checks are those
+//! of [`CpNotify`].
 //!
 //! This module knows TOML and serde; nothing of Postgres or of the ODM. It
 //! borrows the configuration types of the sources and of the OpenSpecimen
@@ -68,6 +80,7 @@ use serde::de::{self, Deserializer};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
+use crate::notify::CpNotify;
 use crate::openclinica::{
     CredentialRef, FileConfig, NetworkConfig, Oc3Config, Oc4Config, QueryFlags, RetryPolicy,
     SourceConfig,
@@ -175,6 +188,11 @@ pub struct CpConfig {
     /// print as they did.
     #[serde(default, skip_serializing_if = "TargetConfig::is_postgres")]
     pub target: TargetConfig,
+    /// Who hears about this CP's runs ending: email recipients and/or a
+    /// signed webhook (`[notify]`, see [`crate::notify::settings`]). Left
+    /// out of the TOML when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<CpNotify>,
 }
 
 /// Where a CP's records are written (`[target]`).
@@ -950,6 +968,11 @@ also_as_form_record = true
 [participant_fields]
 race = "I_RACE"
 ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1" = "Hispanic" } }
+
+[notify]
+email = ["team@example.org"]
+webhook_url = "https://hooks.example.org/ocsync"
+webhook_secret = { file = "/run/secrets/hook" }
 "#;
 
     #[test]
@@ -971,6 +994,15 @@ ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1"
             json["source"]["password"],
             serde_json::json!({"file": "/run/secrets/oc"})
         );
+        assert_eq!(
+            json["notify"],
+            serde_json::json!({
+                "email": ["team@example.org"],
+                "webhook_url": "https://hooks.example.org/ocsync",
+                "webhook_secret": {"file": "/run/secrets/hook"},
+                "on_success": false,
+            })
+        );
         let again = CpConfig::from_toml(&c.to_toml(), "shown.toml").unwrap();
         assert_eq!(serde_json::to_value(&again).unwrap(), json);
         let from_json: CpConfig = serde_json::from_value(json.clone()).unwrap();
@@ -990,6 +1022,8 @@ ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1"
         assert_eq!(c.visit_name.as_str(), VisitNameTemplate::DEFAULT);
         assert_eq!(c.crfs, CrfSelection::default());
         assert_eq!(c.schedule, None);
+        assert_eq!(c.notify, None);
+        assert!(!c.to_toml().contains("notify"));
     }
 
     #[test]
@@ -1039,6 +1073,18 @@ ethnicity = { item = "I_ETH", event = "SE_SCREEN", crf = "F_DEM", values = { "1"
                 "id = \"X\"\n[crfs]\nimport = \"some\"\n",
                 3,
                 "unknown variant `some`",
+            ),
+            (
+                "id = \"X\"\nsource = { kind = \"file\", path = \"/d\" }\n[notify]\nemail = [\"team\"]\n",
+                // A check of the section as a whole points at its header;
+                // the message names the key.
+                3,
+                "notify.email[0]",
+            ),
+            (
+                "id = \"X\"\nsource = { kind = \"file\", path = \"/d\" }\n[notify]\nwebhook_url = \"https://h/\"\nwebhook_secret = \"pw\"\n",
+                5,
+                "may not be written in the configuration",
             ),
         ] {
             let e = CpConfig::from_toml(text, "cp.toml")

@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `POST /api/v1/cps/{cp}/runs` | operator | 201 with the run; 409 `active-run` problem naming the run in the way; 404 unknown CP; 422 bad CP id, mode or subjects |
 //! | `GET /api/v1/runs?cp=&status=&limit=` | viewer | the Import Logs, newest first (`limit` 1..=`API_PAGE_LIMIT_MAX`) |
-//! | `GET /api/v1/runs/{id}` | viewer | one run: mode, trigger, who started and aborted it, timings, progress, counts, error count |
+//! | `GET /api/v1/runs/{id}` | viewer | one run: mode, trigger, who started and aborted it, timings, progress, counts, error count, notifications (channel, target, status, attempts, last error, sent at) |
 //! | `POST /api/v1/runs/{id}/abort` | operator | 200 with the run (Aborted, or still In Progress while it stops); 404 |
 //! | `GET /api/v1/runs/{id}/errors.csv` | viewer | the error report (`text/csv`) |
 //!
@@ -172,12 +172,14 @@ impl<S: Send + Sync> FromRequestParts<S> for RunId {
     }
 }
 
-/// A run as the API shows it: the Import Logs row and who aborted it.
+/// A run as the API shows it: the Import Logs row, who aborted it, and
+/// its notifications.
 #[derive(Debug, Serialize)]
 struct RunView {
     #[serde(flatten)]
     run: RunInfo,
     aborted_by: Option<String>,
+    notifications: Vec<crate::notify::Delivery>,
 }
 
 /// Who aborted each of `ids` (read beside `runs`, which predates the audit).
@@ -196,13 +198,18 @@ async fn aborted_by(
 }
 
 async fn view(pool: &sqlx::PgPool, runs: Vec<RunInfo>) -> Result<Vec<RunView>, Problem> {
-    let mut by = aborted_by(pool, runs.iter().map(|r| r.id.clone()).collect())
+    let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    let mut by = aborted_by(pool, ids.clone())
         .await
         .map_err(|e| Problem::internal("reading runs", &e))?;
+    let mut notified = crate::notify::outbox::for_runs(pool, &ids)
+        .await
+        .map_err(|e| Problem::internal("reading notifications", &e))?;
     Ok(runs
         .into_iter()
         .map(|run| RunView {
             aborted_by: by.remove(&run.id),
+            notifications: notified.remove(&run.id).unwrap_or_default(),
             run,
         })
         .collect())

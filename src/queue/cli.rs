@@ -58,13 +58,14 @@ pub enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One run as JSON.
+    /// One run as JSON, with its notifications.
     Show { id: String },
     /// A run's error report as CSV.
     Errors { id: String },
 }
 
-/// `ocsync worker`: runs syncs until SIGTERM, then drains.
+/// `ocsync worker`: runs syncs (and delivers notifications) until SIGTERM,
+/// then drains.
 pub async fn worker(
     config: Config,
     args: WorkerArgs,
@@ -81,8 +82,8 @@ pub async fn worker(
     result.map(|()| 0)
 }
 
-/// `ocsync serve`: the API, a worker, the schedule and retention in one
-/// process.
+/// `ocsync serve`: the API, a worker, the schedule, retention and the
+/// notification dispatcher in one process.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -127,11 +128,16 @@ fn spawn_background(
     schedule: bool,
     stop: &CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut handles = vec![tokio::spawn(super::retention::run_periodically(
-        pool.clone(),
-        config.queue.retention,
-        stop.clone(),
-    ))];
+    let dispatcher = crate::notify::Dispatcher::new(pool.clone(), &config.notify)
+        .map_err(|e| anyhow::anyhow!("notifications: {e}"))?;
+    let mut handles = vec![
+        tokio::spawn(super::retention::run_periodically(
+            pool.clone(),
+            config.queue.retention,
+            stop.clone(),
+        )),
+        tokio::spawn(dispatcher.run(stop.clone())),
+    ];
     if schedule {
         let cron = crate::schedule::Cron::new(&config.queue.schedule_cron)
             .map_err(|e| anyhow::anyhow!("SCHEDULE_CRON: {e}"))?;
@@ -316,7 +322,12 @@ pub async fn runs_cmd(config: Config, cmd: RunsCommand) -> anyhow::Result<u8> {
             }
         }
         RunsCommand::Show { id } => match runs::get(&pool, &id).await? {
-            Some(r) => writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?,
+            Some(r) => {
+                let mut shown = serde_json::to_value(&r)?;
+                shown["notifications"] =
+                    serde_json::to_value(crate::notify::outbox::for_run(&pool, &id).await?)?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?
+            }
             None => anyhow::bail!("run {id} does not exist"),
         },
         RunsCommand::Errors { id } => {

@@ -7,6 +7,7 @@ mod cp;
 mod db;
 mod docs;
 mod harness;
+mod notify;
 mod observability;
 mod oc_sim;
 mod odm;
