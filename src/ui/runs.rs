@@ -82,22 +82,13 @@ pub async fn list(
     let filter = RunFilter {
         cp: cp.clone(),
         status,
-        // One more than shown says whether there is a further page.
-        limit: Some(limit + 1),
+        limit: Some(limit),
         before: before.clone(),
         after: after.clone(),
     };
-    let mut list = runs::list(&state.pool, &filter).await?;
-    let more = list.len() > limit as usize;
-    // Going forward the extra run is the newest; going back, the oldest.
-    if more {
-        if after.is_some() {
-            list.remove(0);
-        } else {
-            list.pop();
-        }
-    }
-    let exists = |before: Option<String>, after: Option<String>| {
+    let list = runs::list(&state.pool, &filter).await?;
+    // Whether any run (of this filter) lies beyond the page, either way.
+    let beyond = |before: Option<String>, after: Option<String>| {
         let filter = RunFilter {
             cp: cp.clone(),
             status,
@@ -109,30 +100,19 @@ pub async fn list(
         async move { runs::list(&pool, &filter).await.map(|l| !l.is_empty()) }
     };
     let (newer, older) = match (list.first(), list.last()) {
-        (Some(first), Some(last)) => {
-            let newer = if after.is_some() {
-                more
-            } else {
-                before.is_some() && exists(None, Some(first.id.clone())).await?
-            };
-            let older = if after.is_some() {
-                exists(Some(last.id.clone()), None).await?
-            } else {
-                more
-            };
-            (
-                newer.then(|| first.id.clone()),
-                older.then(|| last.id.clone()),
-            )
-        }
+        (Some(first), Some(last)) => (
+            beyond(None, Some(first.id.clone()))
+                .await?
+                .then(|| first.id.clone()),
+            beyond(Some(last.id.clone()), None)
+                .await?
+                .then(|| last.id.clone()),
+        ),
         _ => (None, None),
     };
-    let cps: Vec<String> = crate::cp::store::list(&state.pool)
+    let cps = crate::cp::store::ids(&state.pool)
         .await
-        .map_err(|e| Fail::internal("listing CPs", &e))?
-        .into_iter()
-        .map(|c| c.config.id.to_string())
-        .collect();
+        .map_err(|e| Fail::internal("listing CPs", &e))?;
     let live = list.iter().any(|r| !r.status.is_terminal());
     let limit_text = q.limit.map(|l| l.to_string());
     let link = |before: Option<&str>, after: Option<&str>| {

@@ -380,6 +380,7 @@ fn signin_page(
 
 #[derive(Deserialize)]
 pub struct SigninForm {
+    #[serde(default)]
     token: String,
     #[serde(default)]
     next: String,

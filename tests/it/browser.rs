@@ -557,6 +557,41 @@ async fn drive(
         return Err(format!("the report has no rows: {csv:?}"));
     }
 
+    // A link to a run from another site (an e-mail, a chat message): the
+    // browser holds the strict cookie back on that request; the page
+    // reloads itself from our origin, where it is sent, so the run opens
+    // without a second sign-in.
+    let html = format!("<a id=\"go\" href=\"{base}/ui/runs/{failed}\">the failed run</a>");
+    let encoded: String = html
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    c.goto(&format!("data:text/html;charset=utf-8,{encoded}"))
+        .await
+        .map_err(step("open a page of another site"))?;
+    c.find(Locator::Id("go"))
+        .await
+        .map_err(step("the link on the other site"))?
+        .click()
+        .await
+        .map_err(step("follow the link"))?;
+    let heading = eventually("the run page from the other site's link", || async {
+        let h1 = c.find(Locator::Css("h1")).await.ok()?.text().await.ok()?;
+        (h1.starts_with("Run") || h1 == "Sign in").then_some(h1)
+    })
+    .await?;
+    if !heading.contains(failed) {
+        return Err(format!(
+            "a link from another site led to {heading:?}, not to the run"
+        ));
+    }
+
     // The screenshots the README shows: the CP page with its last run and
     // the form, and the Import Logs with a run in progress beside the
     // aborted and the failed one.
