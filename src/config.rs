@@ -15,6 +15,8 @@
 //! | `API_MAX_BODY_BYTES` | `65536` | Largest request body the API reads; larger ones get 413 (1024–16777216). |
 //! | `API_MAX_SUBJECTS` | `1000` | Most subjects one `subjects` run may list; more get 422 (1–100000). |
 //! | `API_PAGE_LIMIT_MAX` | `1000` | Largest `limit` a list request may ask for; larger ones get 422 (1–1000). |
+//! | `UI_COOKIE_SECURE` | `false` | `true` marks the web pages' session cookie `Secure` (sent over HTTPS only); set it wherever the pages are served over HTTPS. |
+//! | `UI_SESSION_TTL_SECS` | `28800` | How long a web sign-in lasts, counted from sign-in (60–2592000); revoking its token ends it at once. |
 //! | `METRICS_LISTEN` | `0.0.0.0:9464` | Address of the metrics and probe server (`/metrics`, `/healthz`, `/readyz`) that `serve`, `worker` and `api` start (`host:port`). |
 //! | `RUST_LOG` | `info,sqlx=warn` | Log filter, in `tracing-subscriber`'s `EnvFilter` syntax. |
 //! | `LOG_FORMAT` | `text` | `text` (human, coloured on a terminal) or `json` (one object per line). |
@@ -481,6 +483,17 @@ pub struct ApiConfig {
     pub max_subjects: usize,
     /// The largest page a list request may ask for (422 beyond).
     pub page_limit_max: u32,
+    /// The web pages served beside the API.
+    pub ui: UiConfig,
+}
+
+/// The web pages' sessions (`crate::ui`).
+#[derive(Debug, Clone)]
+pub struct UiConfig {
+    /// Mark the session cookie `Secure` (behind HTTPS).
+    pub cookie_secure: bool,
+    /// A session ends this long after sign-in.
+    pub session_ttl: Duration,
 }
 
 impl ApiConfig {
@@ -495,6 +508,14 @@ impl ApiConfig {
             max_body_bytes: env.ranged("API_MAX_BODY_BYTES", 65_536, 1024..=16_777_216)? as usize,
             max_subjects: env.ranged("API_MAX_SUBJECTS", 1000, 1..=100_000)? as usize,
             page_limit_max: env.ranged("API_PAGE_LIMIT_MAX", 1000, 1..=1000)? as u32,
+            ui: UiConfig {
+                cookie_secure: env.bool_or("UI_COOKIE_SECURE", false)?,
+                session_ttl: Duration::from_secs(env.ranged(
+                    "UI_SESSION_TTL_SECS",
+                    28_800,
+                    60..=2_592_000,
+                )?),
+            },
         })
     }
 }
@@ -628,6 +649,8 @@ mod tests {
             ("PUBLIC_URL", "https://x/?a=b", "query"),
             ("NOTIFY_MAX_ATTEMPTS", "0", "out of range"),
             ("NOTIFY_TIMEOUT_SECS", "soon", "cannot parse"),
+            ("UI_COOKIE_SECURE", "sometimes", "not true or false"),
+            ("UI_SESSION_TTL_SECS", "30", "out of range"),
         ];
         for (var, value, want) in cases {
             let err = load(&[(var, value)]).unwrap_err();

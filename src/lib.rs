@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod sink;
 pub mod sync;
 pub mod telemetry;
+pub mod ui;
 
 /// Installs ring as the process's TLS crypto provider (once; later calls do
 /// nothing). Every HTTP client here (OpenClinica, OpenSpecimen, the OTLP

@@ -18,7 +18,7 @@ use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::cp::CronSchedule;
+use crate::cp::{CpConfig, CronSchedule};
 
 /// A parsed 5-field cron expression (minute hour day-of-month month
 /// day-of-week), matched against UTC minutes.
@@ -68,18 +68,51 @@ impl Cron {
         })
     }
 
-    /// Whether the minute `t` falls in lies on the schedule.
-    pub fn matches(&self, t: DateTime<Utc>) -> bool {
-        let day = self.days[t.day() as usize];
-        let weekday = self.weekdays[t.weekday().num_days_from_sunday() as usize];
+    /// The first minute after `t` that lies on the schedule; `None` when
+    /// none does within eight years (an expression such as `0 0 31 2 *`
+    /// names a day that never comes; any day that does exist, February 29
+    /// included, comes within that).
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let start = next_minute(t);
+        let mut day = start.date_naive();
+        for _ in 0..(366 * 8) {
+            let first = day == start.date_naive();
+            if self.day_matches(day) {
+                let (h0, m0) = if first {
+                    (start.hour(), start.minute())
+                } else {
+                    (0, 0)
+                };
+                for h in h0..24 {
+                    if !self.hours[h as usize] {
+                        continue;
+                    }
+                    let from = if h == h0 { m0 } else { 0 };
+                    if let Some(m) = (from..60).find(|m| self.minutes[*m as usize]) {
+                        return day.and_hms_opt(h, m, 0).map(|t| t.and_utc());
+                    }
+                }
+            }
+            day = day.succ_opt()?;
+        }
+        None
+    }
+
+    fn day_matches(&self, d: chrono::NaiveDate) -> bool {
+        let day = self.days[d.day() as usize];
+        let weekday = self.weekdays[d.weekday().num_days_from_sunday() as usize];
         let day_ok = match (self.days_restricted, self.weekdays_restricted) {
             (true, true) => day || weekday,
             _ => day && weekday,
         };
+        self.months[d.month() as usize] && day_ok
+    }
+
+    /// Whether the minute `t` falls in lies on the schedule.
+    pub fn matches(&self, t: DateTime<Utc>) -> bool {
         self.minutes[t.minute() as usize]
             && self.hours[t.hour() as usize]
-            && self.months[t.month() as usize]
-            && day_ok
+            && self.day_matches(t.date_naive())
     }
 }
 
@@ -130,6 +163,23 @@ pub struct TickOutcome {
     pub skipped: i32,
 }
 
+/// The schedule that applies to a CP: its own `schedule`, or the default
+/// (also when its own cannot be read, which `CpConfig` prevents).
+fn cron_of(own: Option<&str>, default: &Cron) -> Cron {
+    own.and_then(|text| CronSchedule::parse(text).and_then(|s| Cron::new(&s)).ok())
+        .unwrap_or_else(|| default.clone())
+}
+
+/// When the Study Data Importer next starts a run of a CP, after `now`:
+/// `None` for a disabled CP (the scheduler skips it) or a schedule that
+/// never comes. A tick that finds the CP with an active run skips it.
+pub fn next_run(cp: &CpConfig, default: &Cron, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if !cp.enabled {
+        return None;
+    }
+    cron_of(cp.schedule.as_ref().map(CronSchedule::as_str), default).next_after(now)
+}
+
 /// The enabled CPs due at `tick`.
 pub async fn due_cps(
     pool: &PgPool,
@@ -143,13 +193,7 @@ pub async fn due_cps(
     .await?;
     Ok(rows
         .into_iter()
-        .filter(|(_, own)| match own {
-            None => default.matches(tick),
-            Some(text) => match CronSchedule::parse(text.clone()).and_then(|s| Cron::new(&s)) {
-                Ok(c) => c.matches(tick),
-                Err(_) => default.matches(tick),
-            },
-        })
+        .filter(|(_, own)| cron_of(own.as_deref(), default).matches(tick))
         .map(|(id, _)| id)
         .collect())
 }
@@ -246,6 +290,61 @@ mod tests {
         ];
         for (expr, (h, m), want) in cases {
             assert_eq!(cron(expr).matches(at(*h, *m)), *want, "{expr} at {h}:{m}");
+        }
+    }
+
+    #[test]
+    fn next_after_finds_the_next_matching_minute() {
+        let t = |y, mo, d, h, mi| Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap();
+        type Case = (&'static str, DateTime<Utc>, Option<DateTime<Utc>>);
+        let cases: &[Case] = &[
+            // Strictly after: a matching `now` gives the next occurrence.
+            (
+                "0 * * * *",
+                t(2026, 11, 29, 5, 0),
+                Some(t(2026, 11, 29, 6, 0)),
+            ),
+            (
+                "0 * * * *",
+                t(2026, 11, 29, 23, 30),
+                Some(t(2026, 11, 30, 0, 0)),
+            ),
+            (
+                "*/15 * * * *",
+                t(2026, 11, 29, 1, 46),
+                Some(t(2026, 11, 29, 2, 0)),
+            ),
+            (
+                "30 2 * * *",
+                t(2026, 11, 29, 2, 29),
+                Some(t(2026, 11, 29, 2, 30)),
+            ),
+            // 2026-11-29 is a Sunday: the next Monday is the 30th.
+            (
+                "0 9 * * mon",
+                t(2026, 11, 29, 10, 0),
+                Some(t(2026, 11, 30, 9, 0)),
+            ),
+            ("@monthly", t(2026, 12, 15, 0, 0), Some(t(2027, 1, 1, 0, 0))),
+            // Both day fields restricted: either one matches.
+            (
+                "0 0 1 * sun",
+                t(2026, 11, 29, 0, 0),
+                Some(t(2026, 12, 1, 0, 0)),
+            ),
+            (
+                "0 0 29 2 *",
+                t(2026, 11, 29, 0, 0),
+                Some(t(2028, 2, 29, 0, 0)),
+            ),
+            ("0 0 31 2 *", t(2026, 11, 29, 0, 0), None),
+        ];
+        for (expr, now, want) in cases {
+            let got = cron(expr).next_after(*now);
+            assert_eq!(got, *want, "{expr} after {now}");
+            if let Some(g) = got {
+                assert!(cron(expr).matches(g), "{expr}: {g} does not match");
+            }
         }
     }
 

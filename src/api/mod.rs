@@ -11,6 +11,9 @@
 //!   routes of [`cps`], behind a bearer token ([`auth`], [`tokens`]); each
 //!   group needs a least role (viewer, operator, admin).
 //!
+//! - `/ui/…`: the web pages ([`crate::ui`]), signed in with the same
+//!   tokens through a session cookie; `/` sends a browser to them.
+//!
 //! The probes and the document need no token, so orchestrators and client
 //! generators can reach them. Every refusal is a problem document
 //! ([`problem`]); request bodies are capped at `API_MAX_BODY_BYTES` and
@@ -35,7 +38,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -83,12 +86,15 @@ pub fn router_configured(state: AppState, api: &ApiConfig, queue: &QueueConfig) 
     let protected = crate::queue::api::routes(v1.clone())
         .merge(cps::routes(v1))
         .layer(from_fn_with_state(state.pool.clone(), auth::authenticate));
+    let ui = crate::ui::routes(crate::ui::UiState::new(state.pool.clone(), api, queue));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(openapi::serve))
+        .route("/", get(|| async { Redirect::to("/ui/runs") }))
         .with_state(state)
         .merge(protected)
+        .merge(ui)
         .fallback(not_found)
         // Above any route's own limit: the cap is the API's, not a handler's.
         .layer(DefaultBodyLimit::max(api.max_body_bytes))

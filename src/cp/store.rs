@@ -129,6 +129,14 @@ pub async fn list(pool: &PgPool) -> Result<Vec<StoredCp>, StoreError> {
     rows.into_iter().map(stored).collect()
 }
 
+/// Every CP's id, in order; unlike [`list`], a configuration this build
+/// cannot read does not fail it (for pick lists and filters).
+pub async fn ids(pool: &PgPool) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT id FROM ocsync.cps ORDER BY id")
+        .fetch_all(pool)
+        .await?)
+}
+
 /// Locks the CP's row and checks the version and the active run; the
 /// caller then changes the row inside `tx`.
 async fn lock_for_edit(

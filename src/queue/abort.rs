@@ -33,15 +33,36 @@ pub enum AbortOutcome {
 
 /// Asks run `id` to stop.
 pub async fn abort(pool: &PgPool, id: &str) -> Result<AbortOutcome, AbortError> {
-    let status: String = sqlx::query_scalar("SELECT ocsync.abort_run($1)")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
+    abort_as(pool, id, None).await
+}
+
+/// Asks run `id` to stop on behalf of `by` (an API token's name), which
+/// the run records as `aborted_by`; `None` records the database user.
+pub async fn abort_as(
+    pool: &PgPool,
+    id: &str,
+    by: Option<&str>,
+) -> Result<AbortOutcome, AbortError> {
+    // The two-argument form records who asked; the one-argument form is
+    // the same rule without the audit (for SQL clients).
+    let query = match by {
+        Some(by) => sqlx::query_scalar("SELECT ocsync.abort_run($1, $2)")
+            .bind(id)
+            .bind(by),
+        None => sqlx::query_scalar("SELECT ocsync.abort_run($1)").bind(id),
+    };
+    let status: String = query.fetch_one(pool).await.map_err(|e| {
+        match e.as_database_error().and_then(|d| d.code()) {
             Some(code) if code == "P0002" => AbortError::NoSuchRun(id.to_owned()),
             _ => AbortError::Database(e),
-        })?;
-    tracing::info!(run.id = %id, outcome = %status, "abort requested");
+        }
+    })?;
+    match by {
+        Some(by) => {
+            tracing::info!(run.id = %id, outcome = %status, aborted_by = %by, "abort requested")
+        }
+        None => tracing::info!(run.id = %id, outcome = %status, "abort requested"),
+    }
     Ok(match status.as_str() {
         "Aborted" => AbortOutcome::Aborted,
         "Aborting" => AbortOutcome::Aborting,

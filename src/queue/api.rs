@@ -17,8 +17,6 @@
 //! are [`Problem`]s. The `#[utoipa::path]` attributes are the OpenAPI
 //! description of these routes (`GET /api/openapi.json`).
 
-use std::collections::HashMap;
-
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -29,7 +27,9 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{EnqueueError, EnqueueRequest, RunFilter, RunInfo, RunStatus, Trigger, runs};
+use super::{
+    AbortError, EnqueueError, EnqueueRequest, RunFilter, RunInfo, RunStatus, Trigger, runs,
+};
 use crate::api::auth::{Caller, Role, require};
 use crate::api::json::JsonBody;
 use crate::api::problem::{Problem, ProblemDoc};
@@ -87,8 +87,9 @@ pub struct EnqueueBody {
 const MAX_SUBJECT_CHARS: usize = 255;
 
 impl EnqueueBody {
-    /// The mode this body asks for, or why it is not acceptable.
-    fn into_mode(self, max_subjects: usize) -> Result<Mode, Problem> {
+    /// The mode this body asks for, or why it is not acceptable (the web
+    /// pages' Synchronize Records form is checked by the same rules).
+    pub fn into_mode(self, max_subjects: usize) -> Result<Mode, Problem> {
         let subjects = match self.subjects {
             None => None,
             Some(SubjectsParam::Text(s)) => Some(parse_subject_list(&s)),
@@ -182,24 +183,9 @@ struct RunView {
     notifications: Vec<crate::notify::Delivery>,
 }
 
-/// Who aborted each of `ids` (read beside `runs`, which predates the audit).
-async fn aborted_by(
-    pool: &sqlx::PgPool,
-    ids: Vec<String>,
-) -> Result<HashMap<String, String>, sqlx::Error> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT run_id, aborted_by FROM ocsync.import_logs \
-         WHERE run_id = ANY($1) AND aborted_by IS NOT NULL",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
 async fn view(pool: &sqlx::PgPool, runs: Vec<RunInfo>) -> Result<Vec<RunView>, Problem> {
     let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
-    let mut by = aborted_by(pool, ids.clone())
+    let mut by = runs::aborted_by(pool, ids.clone())
         .await
         .map_err(|e| Problem::internal("reading runs", &e))?;
     let mut notified = crate::notify::outbox::for_runs(pool, &ids)
@@ -331,6 +317,7 @@ async fn list(
         cp: cp.map(String::from),
         status: q.status.map(RunStatus::from),
         limit: q.limit,
+        ..RunFilter::default()
     };
     let list = runs::list(&api.pool, &filter)
         .await
@@ -368,21 +355,9 @@ async fn abort(
     Extension(caller): Extension<Caller>,
     RunId(id): RunId,
 ) -> Result<Response, Problem> {
-    let id = id.as_str();
-    // The two-argument `abort_run` also records `aborted_by`; otherwise it
-    // is `super::abort`, whose rules live in SQL.
-    let outcome: Result<String, sqlx::Error> =
-        sqlx::query_scalar("SELECT ocsync.abort_run($1, $2)")
-            .bind(id)
-            .bind(&caller.name)
-            .fetch_one(&api.pool)
-            .await;
-    match outcome {
-        Ok(status) => {
-            tracing::info!(run.id = %id, outcome = %status, aborted_by = %caller.name, "abort requested");
-            Ok(Json(one(&api.pool, id).await?).into_response())
-        }
-        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("P0002") => {
+    match super::abort_as(&api.pool, &id, Some(&caller.name)).await {
+        Ok(_) => Ok(Json(one(&api.pool, &id).await?).into_response()),
+        Err(AbortError::NoSuchRun(_)) => {
             Err(Problem::not_found(format!("run {id} does not exist")))
         }
         Err(e) => Err(Problem::internal("abort", &e)),

@@ -279,6 +279,7 @@ pub async fn runs_cmd(config: Config, cmd: RunsCommand) -> anyhow::Result<u8> {
                     cp,
                     status,
                     limit: Some(limit),
+                    ..RunFilter::default()
                 },
             )
             .await?;

@@ -35,7 +35,7 @@ pub mod runs;
 pub mod wake;
 pub mod worker;
 
-pub use abort::{ABORT_CHANNEL, AbortError, AbortOutcome, abort};
+pub use abort::{ABORT_CHANNEL, AbortError, AbortOutcome, abort, abort_as};
 pub use context::{JobContext, StopReason};
 pub use enqueue::{EnqueueError, EnqueueRequest, enqueue};
 pub use job::{QUEUE, SyncJob, Trigger};

@@ -14,6 +14,7 @@
 //! | Failed, attempts exhausted or permanent error | Failed |
 //! | Killed with the abort marker | Aborted |
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -218,21 +219,37 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     /// At most this many, newest first (default 50, at most 1000).
     pub limit: Option<u32>,
+    /// Only runs older than this run (the next page, going back in time).
+    /// Run ids are ULIDs, so their order is the order they were enqueued.
+    pub before: Option<String>,
+    /// Only runs newer than this run (the page before, going forward in
+    /// time): the `limit` oldest of them, still listed newest first.
+    pub after: Option<String>,
 }
 
 /// The Import Logs, newest first.
 pub async fn list(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunInfo>, sqlx::Error> {
     let limit = i64::from(filter.limit.unwrap_or(50).clamp(1, 1000));
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT * FROM ocsync.import_logs \
-         WHERE ($1::text IS NULL OR cp = $1) AND ($2::text IS NULL OR status = $2) \
-         ORDER BY run_id DESC LIMIT $3",
-    )
-    .bind(&filter.cp)
-    .bind(filter.status.map(RunStatus::as_str))
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    const WHERE: &str = "WHERE ($1::text IS NULL OR cp = $1) AND ($2::text IS NULL OR status = $2) \
+         AND ($4::text IS NULL OR run_id < $4) AND ($5::text IS NULL OR run_id > $5)";
+    // Going forward, the page is the oldest runs after the cursor; it is
+    // then turned around so every page reads newest first.
+    let sql = if filter.after.is_some() {
+        format!(
+            "SELECT * FROM (SELECT * FROM ocsync.import_logs {WHERE} ORDER BY run_id ASC LIMIT $3) page \
+             ORDER BY run_id DESC"
+        )
+    } else {
+        format!("SELECT * FROM ocsync.import_logs {WHERE} ORDER BY run_id DESC LIMIT $3")
+    };
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&filter.cp)
+        .bind(filter.status.map(RunStatus::as_str))
+        .bind(limit)
+        .bind(&filter.before)
+        .bind(&filter.after)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(RunInfo::from).collect())
 }
 
@@ -243,4 +260,35 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<Option<RunInfo>, sqlx::Error
         .fetch_optional(pool)
         .await?;
     Ok(row.map(RunInfo::from))
+}
+
+/// Who aborted each of `ids` that was aborted (read beside [`RunInfo`],
+/// which predates the audit).
+pub async fn aborted_by(
+    pool: &PgPool,
+    ids: Vec<String>,
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT run_id, aborted_by FROM ocsync.import_logs \
+         WHERE run_id = ANY($1) AND aborted_by IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The newest run of each CP that has one, by CP id.
+pub async fn latest_per_cp(pool: &PgPool) -> Result<HashMap<String, RunInfo>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT DISTINCT ON (cp) * FROM ocsync.import_logs \
+         WHERE cp IS NOT NULL ORDER BY cp, run_id DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(RunInfo::from)
+        .map(|r| (r.cp.clone(), r))
+        .collect())
 }

@@ -2,6 +2,7 @@
 //! against the real Postgres and the real `ocsync` binary.
 
 mod api;
+mod browser;
 mod cli;
 mod cp;
 mod db;
@@ -18,3 +19,4 @@ mod sink_postgres;
 mod sync;
 mod sync_openspecimen;
 mod telemetry;
+mod ui;
