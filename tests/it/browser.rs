@@ -7,8 +7,9 @@
 //! place by the page's script, without a reload), aborts it through the
 //! confirmation dialog, sees Aborted and "(Aborted)", and downloads the
 //! error report of a run that failed. The test saves screenshots of the
-//! CP page and the Import Logs to `docs/screenshots/`, which the README
-//! shows.
+//! CP page and the Import Logs to `target/screenshots/`; with
+//! `OCSYNC_UPDATE_SCREENSHOTS=1` it replaces those the README shows, in
+//! `docs/screenshots/`.
 //!
 //! It needs Debian's `chromium` and `chromium-driver` (`make test` and CI
 //! install them through `deploy/local/ensure-tools.sh`) and fails, saying
@@ -190,7 +191,14 @@ async fn path_of(c: &Client) -> String {
 
 fn screenshot(name: &str, png: &[u8]) {
     assert!(png.starts_with(b"\x89PNG"), "{name} is not a PNG");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    // Into target/screenshots, so a test run leaves the tree clean;
+    // OCSYNC_UPDATE_SCREENSHOTS=1 replaces the ones the README shows.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = if std::env::var_os("OCSYNC_UPDATE_SCREENSHOTS").is_some() {
+        root.join("docs/screenshots")
+    } else {
+        root.join("target/screenshots")
+    };
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), png).unwrap();
 }
