@@ -12,7 +12,7 @@
 //!   the four tables, in one transaction, the COPY text built beforehand
 //!   (so the ceiling is the database's ingest alone);
 //! - (b) a full sync: `PostgresSink::write_batch` over batches of
-//!   `SINK_BENCH_BATCH` subjects (default 50), one transaction per batch;
+//!   `SINK_BENCH_BATCH` subjects (default 200, as a CP's `batch_size`), one transaction per batch;
 //! - (c) a second full sync with nothing changed (the writes it avoids).
 //!
 //! Tables are truncated before (a) and (b). It prints subjects/s, rows/s
@@ -61,7 +61,7 @@ fields = { unit = "I_SPECI_UNIT" }
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let subjects: u32 = env_or("SINK_BENCH_SUBJECTS", if measuring { 10_000 } else { 20 });
-    let batch: usize = env_or("SINK_BENCH_BATCH", 50);
+    let batch: usize = env_or("SINK_BENCH_BATCH", 200);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
