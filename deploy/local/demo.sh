@@ -4,7 +4,8 @@
 #   2. the OpenClinica simulator serving a generated demo study (OC 3.x REST);
 #   3. a demo CP registered from a TOML file;
 #   4. `ocsync serve` (API + worker + schedule) in the background;
-#   5. a full sync, with its progress, then the counts and where to look.
+#   5. a full sync, with its progress, then the counts and where to look
+#      (with DEMO_KEEP=1 it then stays up, for the web pages, until Ctrl-C).
 # Everything it starts is stopped when it ends. Ports: DEMO_API_PORT (18080)
 # and DEMO_OC_PORT (18090).
 set -euo pipefail
@@ -116,5 +117,11 @@ cat <<MSG
   Import logs (SQL):  psql "$DATABASE_URL" -c 'SELECT * FROM ocsync.import_logs'
   The data (SQL):     psql "$DATABASE_URL" -c 'SELECT ppid, site, gender FROM ocsync_data.participants LIMIT 5'
   Logs:               $dir/serve.log, $dir/oc-sim.log
+  Web pages:          http://127.0.0.1:$api_port/ui/runs (sign in with the token above;
+                      DEMO_KEEP=1 make run keeps the demo up until Ctrl-C)
 MSG
+if [ -n "${DEMO_KEEP:-}" ]; then
+  echo "== the demo stays up: open http://127.0.0.1:$api_port/ui/runs, sign in with $token; Ctrl-C ends it"
+  wait
+fi
 exit $status
