@@ -28,6 +28,7 @@ use ocsync::db;
 use ocsync::mapping::{MetadataIndex, SubjectRecords, map_subject};
 use ocsync::odm::generate::{self, GeneratorConfig};
 use ocsync::odm::{OdmReader, Record};
+use ocsync::sink::postgres::copy::CopyRows;
 use ocsync::sink::{Counts, EntityCounts, PostgresSink, Sink};
 use sqlx::{Connection, PgConnection};
 
@@ -180,7 +181,7 @@ async fn measure(conn: &mut PgConnection, records: &[SubjectRecords], rows: u64,
     let mut copied = 0;
     for (sql, text) in &copy {
         let mut copy_in = tx.copy_in_raw(sql).await.unwrap();
-        copy_in.send(text.as_bytes()).await.unwrap();
+        copy_in.send(text.as_slice()).await.unwrap();
         copied += copy_in.finish().await.unwrap();
     }
     tx.commit().await.unwrap();
@@ -279,138 +280,15 @@ async fn sync(
 
 // --- COPY text format: tab-separated, `\N` for NULL, backslash escapes.
 
-fn field(out: &mut String, value: Option<&str>) {
-    match value {
-        None => out.push_str("\\N"),
-        Some(v) => {
-            for c in v.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\t' => out.push_str("\\t"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-}
-
-fn line(out: &mut String, values: &[Option<&str>]) {
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            out.push('\t');
-        }
-        field(out, *v);
-    }
-    out.push('\n');
-}
-
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap()
-}
-
-/// One `(COPY statement, data)` per table, with the columns the sink writes
-/// (the timestamps take their defaults in both).
-fn copy_text(records: &[SubjectRecords]) -> Vec<(&'static str, String)> {
-    let (mut p, mut v, mut s, mut f) = (String::new(), String::new(), String::new(), String::new());
+/// One `(COPY statement, data)` per table: the sink's own encoding of the
+/// same rows, so the ceiling sends exactly the bytes the sink would.
+fn copy_text(records: &[SubjectRecords]) -> Vec<(&'static str, Vec<u8>)> {
+    let mut rows = CopyRows::default();
     for r in records {
-        let x = &r.participant;
-        let fields = json(&x.fields);
-        line(
-            &mut p,
-            &[
-                Some(CP),
-                Some(&x.subject_key),
-                Some(&x.ppid),
-                Some(&x.study_oid),
-                x.site.as_deref(),
-                x.uid.as_deref(),
-                x.birth_date.as_deref(),
-                x.gender.as_deref(),
-                x.registration_date.as_deref(),
-                x.oc_status.as_deref(),
-                Some(x.status.as_str()),
-                Some(&fields),
-            ],
-        );
-        for x in &r.visits {
-            line(
-                &mut v,
-                &[
-                    Some(CP),
-                    Some(&x.subject_key),
-                    Some(&x.event_oid),
-                    Some(&x.event_repeat_key),
-                    Some(&x.event_label),
-                    Some(&x.name),
-                    x.visit_date.as_deref(),
-                    x.end_date.as_deref(),
-                    x.site.as_deref(),
-                    x.oc_status.as_deref(),
-                    Some(x.status.as_str()),
-                ],
-            );
-        }
-        for x in &r.specimens {
-            let fields = json(&x.fields);
-            line(
-                &mut s,
-                &[
-                    Some(CP),
-                    Some(&x.subject_key),
-                    Some(&x.event_oid),
-                    Some(&x.event_repeat_key),
-                    Some(&x.crf_oid),
-                    Some(&x.item_group_oid),
-                    Some(&x.item_group_repeat_key),
-                    x.label.as_deref(),
-                    x.specimen_type.as_deref(),
-                    x.quantity.as_deref(),
-                    x.collection_time.as_deref(),
-                    Some(&fields),
-                    Some(x.status.as_str()),
-                ],
-            );
-        }
-        for x in &r.form_records {
-            let (values, names) = (json(&x.values), json(&x.item_names));
-            line(
-                &mut f,
-                &[
-                    Some(CP),
-                    Some(&x.subject_key),
-                    Some(&x.event_oid),
-                    Some(&x.event_repeat_key),
-                    Some(&x.crf_oid),
-                    Some(&x.item_group_oid),
-                    Some(&x.item_group_repeat_key),
-                    Some(&x.form_oid),
-                    x.form_version.as_deref(),
-                    x.form_status.as_deref(),
-                    Some(x.status.as_str()),
-                    Some(&values),
-                    Some(&names),
-                ],
-            );
-        }
+        rows.add(CP, &r.participant, &r.visits, &r.specimens, &r.form_records);
     }
-    vec![
-        (
-            "COPY ocsync_data.participants (cp_id, subject_key, ppid, study_oid, site, uid, birth_date, gender, registration_date, oc_status, status, fields) FROM STDIN",
-            p,
-        ),
-        (
-            "COPY ocsync_data.visits (cp_id, subject_key, event_oid, event_repeat_key, event_label, name, visit_date, end_date, site, oc_status, status) FROM STDIN",
-            v,
-        ),
-        (
-            "COPY ocsync_data.specimens (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, label, specimen_type, quantity, collection_time, fields, status) FROM STDIN",
-            s,
-        ),
-        (
-            "COPY ocsync_data.form_records (cp_id, subject_key, event_oid, event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, form_oid, form_version, form_status, status, values, item_names) FROM STDIN",
-            f,
-        ),
-    ]
+    rows.into_statements()
+        .into_iter()
+        .map(|(_, statement, buf)| (statement, buf))
+        .collect()
 }

@@ -89,7 +89,7 @@
 //! check, `CROSS JOIN LATERAL (… OFFSET 0)` per subject for vanished rows,
 //! and no secondary index starts with `cp_id`.
 
-mod copy;
+pub mod copy;
 
 use sqlx::PgConnection;
 

@@ -14,6 +14,7 @@ use sqlx::PgConnection;
 use super::super::plan::SubjectPlan;
 use super::super::{Counts, EntityCounts};
 use super::{WriteFailure, json};
+use crate::mapping::{FormRecord, ParticipantRecord, SpecimenRecord, VisitRecord};
 
 /// Rows in COPY's text format: tab-separated, `\N` for NULL, backslash
 /// escapes for backslash, tab, newline and carriage return.
@@ -74,21 +75,29 @@ const FORM_RECORDS: &str = "COPY ocsync_data.form_records (cp_id, subject_key, e
     event_repeat_key, crf_oid, item_group_oid, item_group_repeat_key, form_oid, form_version, \
     form_status, status, values, item_names) FROM STDIN";
 
-/// Copies every record of `subjects` (all new to the CP) into the four
-/// tables; every row counts as created.
-pub(super) async fn copy_new(
-    tx: &mut PgConnection,
-    cp: &str,
-    subjects: &[&SubjectPlan<'_>],
-) -> Result<Counts, WriteFailure> {
-    let mut participants = Rows::default();
-    let mut visits = Rows::default();
-    let mut specimens = Rows::default();
-    let mut form_records = Rows::default();
-    for s in subjects {
-        let p = s.participant;
+/// The four tables' rows in COPY text format, with the columns the sink
+/// writes (the timestamps take their defaults). The sink copies new
+/// subjects with it; `make bench` times a bare `COPY` of its output.
+#[derive(Default)]
+pub struct CopyRows {
+    participants: Rows,
+    visits: Rows,
+    specimens: Rows,
+    form_records: Rows,
+}
+
+impl CopyRows {
+    /// Adds one subject's records.
+    pub fn add<'r>(
+        &mut self,
+        cp: &str,
+        p: &ParticipantRecord,
+        visits: impl IntoIterator<Item = &'r VisitRecord>,
+        specimens: impl IntoIterator<Item = &'r SpecimenRecord>,
+        form_records: impl IntoIterator<Item = &'r FormRecord>,
+    ) {
         let fields = json(&p.fields);
-        participants.row(
+        self.participants.row(
             cp,
             [
                 Some(p.subject_key.as_str()),
@@ -104,8 +113,8 @@ pub(super) async fn copy_new(
                 Some(&fields),
             ],
         );
-        for v in &s.visits {
-            visits.row(
+        for v in visits {
+            self.visits.row(
                 cp,
                 [
                     Some(v.subject_key.as_str()),
@@ -121,9 +130,9 @@ pub(super) async fn copy_new(
                 ],
             );
         }
-        for x in &s.specimens {
+        for x in specimens {
             let fields = json(&x.fields);
-            specimens.row(
+            self.specimens.row(
                 cp,
                 [
                     Some(x.subject_key.as_str()),
@@ -141,9 +150,9 @@ pub(super) async fn copy_new(
                 ],
             );
         }
-        for f in &s.form_records {
+        for f in form_records {
             let (values, names) = (json(&f.values), json(&f.item_names));
-            form_records.row(
+            self.form_records.row(
                 cp,
                 [
                     Some(f.subject_key.as_str()),
@@ -162,35 +171,69 @@ pub(super) async fn copy_new(
             );
         }
     }
-    let created = |rows: &Rows| EntityCounts {
-        created: rows.count,
-        ..EntityCounts::default()
-    };
-    let counts = Counts {
-        participants: created(&participants),
-        visits: created(&visits),
-        specimens: created(&specimens),
-        form_records: created(&form_records),
-    };
-    copy(tx, PARTICIPANTS, participants, "participants").await?;
-    copy(tx, VISITS, visits, "visits").await?;
-    copy(tx, SPECIMENS, specimens, "specimens").await?;
-    copy(tx, FORM_RECORDS, form_records, "form_records").await?;
+
+    /// Every row counted as created.
+    pub fn counts(&self) -> Counts {
+        let created = |rows: &Rows| EntityCounts {
+            created: rows.count,
+            ..EntityCounts::default()
+        };
+        Counts {
+            participants: created(&self.participants),
+            visits: created(&self.visits),
+            specimens: created(&self.specimens),
+            form_records: created(&self.form_records),
+        }
+    }
+
+    /// `(table, COPY … FROM STDIN statement, rows)` per table, in the
+    /// order the tables are written.
+    pub fn into_statements(self) -> [(&'static str, &'static str, Vec<u8>); 4] {
+        [
+            ("participants", PARTICIPANTS, self.participants.buf),
+            ("visits", VISITS, self.visits.buf),
+            ("specimens", SPECIMENS, self.specimens.buf),
+            ("form_records", FORM_RECORDS, self.form_records.buf),
+        ]
+    }
+}
+
+/// Copies every record of `subjects` (all new to the CP) into the four
+/// tables; every row counts as created.
+pub(super) async fn copy_new(
+    tx: &mut PgConnection,
+    cp: &str,
+    subjects: &[&SubjectPlan<'_>],
+) -> Result<Counts, WriteFailure> {
+    let mut rows = CopyRows::default();
+    for s in subjects {
+        rows.add(
+            cp,
+            s.participant,
+            s.visits.iter().copied(),
+            s.specimens.iter().copied(),
+            s.form_records.iter().copied(),
+        );
+    }
+    let counts = rows.counts();
+    for (table, statement, buf) in rows.into_statements() {
+        copy(tx, table, statement, buf).await?;
+    }
     Ok(counts)
 }
 
 async fn copy(
     tx: &mut PgConnection,
-    statement: &'static str,
-    rows: Rows,
     table: &'static str,
+    statement: &'static str,
+    buf: Vec<u8>,
 ) -> Result<(), WriteFailure> {
-    if rows.count == 0 {
+    if buf.is_empty() {
         return Ok(());
     }
     let failed = |error| WriteFailure { table, error };
     let mut copy = tx.copy_in_raw(statement).await.map_err(failed)?;
-    let sent = copy.send(rows.buf).await.map(|_| ());
+    let sent = copy.send(buf).await.map(|_| ());
     if let Err(e) = sent {
         // Leave the connection usable: end the COPY before reporting.
         let _ = copy.abort("ocsync: sending rows failed").await;
