@@ -12,7 +12,6 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +30,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::harness::{TestDb, ocsync, output, stderr};
+use crate::queue::{Worker, oc_cp_with, sim_study, worker_logs as logs};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const HOOK_SECRET: &str = "hook-secret-for-tests";
@@ -256,64 +256,19 @@ fn verify_signature(hook: &Hook, secret: &[u8]) -> Result<(), String> {
 
 // ----------------------------------------------------------------- helpers
 
-/// A worker process, killed (if still alive) when dropped.
-struct Worker {
-    child: Child,
-}
-
-impl Worker {
-    fn spawn(t: &TestDb, dir: &Path, label: &str, env: &[(&str, String)]) -> Self {
-        let log = std::fs::File::create(dir.join(format!("worker-{label}.log"))).unwrap();
-        let mut cmd = ocsync();
-        cmd.arg("worker")
-            .arg("--no-schedule")
-            .env("DATABASE_URL", t.url())
-            .env("DATABASE_MAX_CONNECTIONS", "6")
-            .env("WORKER_CONCURRENCY", "2")
-            .env("WORKER_HEARTBEAT_SECS", "1")
-            .env("WORKER_MISSED_HEARTBEATS", "2")
-            .env("WORKER_POLL_INTERVAL_MS", "200")
-            .env("RUN_RETRY_BASE_SECS", "0")
-            .env("METRICS_LISTEN", "127.0.0.1:0")
-            .env("PUBLIC_URL", PUBLIC_URL)
-            .env("HOOK_SECRET", HOOK_SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self {
-            child: cmd.spawn().expect("spawn ocsync worker"),
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The workers' logs, for a failure message.
-fn logs(dir: &Path) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        if e.file_name().to_string_lossy().ends_with(".log") {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            let tail: String = text
-                .chars()
-                .rev()
-                .take(4000)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            out += &format!("\n== {:?}\n{tail}", e.file_name());
-        }
-    }
-    out
+/// A worker that links to [`PUBLIC_URL`] and signs with [`HOOK_SECRET`],
+/// plus `env`.
+fn worker(t: &TestDb, dir: &Path, label: &str, env: &[(&str, String)]) -> Worker {
+    let fixed = [("PUBLIC_URL", PUBLIC_URL), ("HOOK_SECRET", HOOK_SECRET)];
+    Worker::spawn_with(
+        t,
+        dir,
+        label,
+        fixed
+            .into_iter()
+            .map(|(k, v)| (k, v.to_owned()))
+            .chain(env.iter().cloned()),
+    )
 }
 
 /// The SMTP settings of a worker (or dispatcher) sending to `port`.
@@ -498,59 +453,6 @@ fn study_values(study: &GeneratorConfig) -> BTreeSet<String> {
     values
 }
 
-/// The study the simulator of [`oc_cp`] serves.
-fn sim_study() -> GeneratorConfig {
-    GeneratorConfig {
-        seed: 21,
-        subjects: 6,
-        sites: 1,
-        ..GeneratorConfig::default()
-    }
-}
-
-/// A CP reading the OpenClinica simulator over OC 3.x REST (quick client
-/// retries), with `notify`; and the simulator.
-async fn oc_cp(
-    t: &TestDb,
-    dir: &Path,
-    id: &str,
-    notify: &str,
-) -> ocsync::openclinica::sim::SimHandle {
-    use ocsync::openclinica::sim::{SimConfig, Simulator};
-    let study = sim_study();
-    let sim = Simulator::start(SimConfig::new(
-        study.clone(),
-        "ocsync",
-        secrecy::SecretString::from("oc-pw"),
-    ))
-    .await
-    .unwrap();
-    let secret = dir.join("oc-password");
-    std::fs::write(&secret, "oc-pw").unwrap();
-    let toml = format!(
-        r#"
-id = "{id}"
-batch_size = 2
-default_site = "Main"
-
-[source]
-kind = "oc3"
-base_url = "{base}"
-study_oid = "{oid}"
-username = "ocsync"
-password = {{ file = {secret:?} }}
-network = {{ retry = {{ max_attempts = 2, base_delay_ms = 1, max_delay_ms = 5 }} }}
-{notify}"#,
-        base = sim.base_url_oc3(),
-        oid = study.study_oid,
-        secret = secret.display().to_string(),
-    );
-    store::add(&t.pool, &CpConfig::from_toml(&toml, "oc.toml").unwrap())
-        .await
-        .unwrap();
-    sim
-}
-
 // ------------------------------------------------------------------- tests
 
 /// The issue's test: a failed run (error rows) through two real workers
@@ -567,11 +469,11 @@ async fn a_failed_run_sends_exactly_one_email_and_one_signed_webhook_without_stu
         Some((&receiver.url, "{ env = \"HOOK_SECRET\" }")),
         false,
     );
-    let sim = oc_cp(&t, dir.path(), "CP-N", &notify).await;
+    let sim = oc_cp_with(&t, dir.path(), "CP-N", &notify).await;
     let study = sim_study();
     let env = smtp_env(sink.addr.port());
-    let _a = Worker::spawn(&t, dir.path(), "a", &env);
-    let _b = Worker::spawn(&t, dir.path(), "b", &env);
+    let _a = worker(&t, dir.path(), "a", &env);
+    let _b = worker(&t, dir.path(), "b", &env);
 
     // Two real subjects and one that does not exist: an error row, so the
     // run ends Failed.
@@ -868,7 +770,7 @@ async fn aborted_runs_notify_success_only_when_asked_and_runs_show_their_notific
     assert_eq!(shown["notifications"][0]["channel"], "webhook");
 
     // Success: only the CP with on_success = true notifies.
-    let _w = Worker::spawn(&t, dir.path(), "w", &[]);
+    let _w = worker(&t, dir.path(), "w", &[]);
     let quiet = sql_enqueue(&t.pool, "CP-QUIET").await;
     let loud = sql_enqueue(&t.pool, "CP-LOUD").await;
     for id in [&quiet, &loud] {
@@ -1098,7 +1000,7 @@ async fn a_run_ends_as_it_would_whatever_its_notifications_do_and_every_end_noti
     let mut env = smtp_env(dead_port().await);
     env.push(("NOTIFY_RETRY_BASE_SECS", "0".to_owned()));
     env.push(("NOTIFY_MAX_ATTEMPTS", "2".to_owned()));
-    let _w = Worker::spawn(&t, dir.path(), "w", &env);
+    let _w = worker(&t, dir.path(), "w", &env);
     let id = sql_enqueue(&t.pool, "CP-OK").await;
     let r = wait_for_run(&t.pool, &id, dir.path()).await;
     assert_eq!(r.status, RunStatus::Success, "{r:#?}");
@@ -1122,7 +1024,7 @@ async fn a_run_ends_as_it_would_whatever_its_notifications_do_and_every_end_noti
     // sweep; one notification.
     let secret = secret_file(dir.path());
     let notify = notify_section(None, Some((&receiver.url, &secret)), false);
-    let sim = oc_cp(&t, dir.path(), "CP-P", &notify).await;
+    let sim = oc_cp_with(&t, dir.path(), "CP-P", &notify).await;
     let mut tx = t.pool.begin().await.unwrap();
     let p: String = sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP-P', 'all')")
         .fetch_one(&mut *tx)
@@ -1151,7 +1053,7 @@ async fn a_run_ends_as_it_would_whatever_its_notifications_do_and_every_end_noti
         ..Default::default()
     })
     .unwrap();
-    let _w = Worker::spawn(&t, dir.path(), "w2", &[]);
+    let _w = worker(&t, dir.path(), "w2", &[]);
     let q: String =
         sqlx::query_scalar("SELECT ocsync.enqueue_sync('CP-P', 'all', NULL, 'sql', 'tester', 3)")
             .fetch_one(&t.pool)

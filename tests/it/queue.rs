@@ -73,17 +73,27 @@ async fn with_cp(id: &str, subjects: u32, batch: u32) -> (TestDb, tempfile::Temp
 }
 
 /// A worker process, killed (if still alive) when dropped.
-struct Worker {
+pub(crate) struct Worker {
     child: Child,
 }
 
 impl Worker {
     fn spawn(t: &TestDb, dir: &Path, label: &str) -> Self {
-        Self::spawn_with(t, dir, label, &[])
+        Self::spawn_with(t, dir, label, [] as [(&str, &str); 0])
     }
 
-    /// A worker with some settings of its own (`env` wins).
-    fn spawn_with(t: &TestDb, dir: &Path, label: &str, env: &[(&str, &str)]) -> Self {
+    /// A worker with some settings of its own (`env` wins); its log is
+    /// `dir/worker-{label}.log`.
+    pub(crate) fn spawn_with<K, V>(
+        t: &TestDb,
+        dir: &Path,
+        label: &str,
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> Self
+    where
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
         let log = std::fs::File::create(dir.join(format!("worker-{label}.log"))).unwrap();
         let mut cmd = ocsync();
         cmd.arg("worker")
@@ -96,7 +106,8 @@ impl Worker {
             .env("WORKER_POLL_INTERVAL_MS", "200")
             .env("RUN_RETRY_BASE_SECS", "0")
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .env("METRICS_LISTEN", "127.0.0.1:0")
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(log);
         Self {
@@ -157,21 +168,7 @@ async fn wait_until(
             return r;
         }
         if start.elapsed() > DEADLINE {
-            let mut logs = String::new();
-            for e in std::fs::read_dir(dir).unwrap().flatten() {
-                if e.file_name().to_string_lossy().ends_with(".log") {
-                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                    let tail: String = text
-                        .chars()
-                        .rev()
-                        .take(3000)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    logs += &format!("\n== {:?}\n{tail}", e.file_name());
-                }
-            }
+            let logs = worker_logs(dir);
             panic!("timed out waiting for {what}: {r:#?}{logs}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -188,7 +185,7 @@ async fn a_run_no_notification_announces_is_found_by_the_poll_interval() {
         &t,
         dir.path(),
         "w",
-        &[
+        [
             ("WORKER_HEARTBEAT_SECS", "60"),
             ("WORKER_MISSED_HEARTBEATS", "5"),
         ],
@@ -246,7 +243,7 @@ async fn many_short_runs_on_four_workers_all_end_without_waiting_for_a_heartbeat
         ("WORKER_POLL_INTERVAL_MS", "500"),
     ];
     let _w: Vec<Worker> = (0..4)
-        .map(|i| Worker::spawn_with(&t, dir.path(), &format!("w{i}"), &slow))
+        .map(|i| Worker::spawn_with(&t, dir.path(), &format!("w{i}"), slow))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let asked = Instant::now();
@@ -266,6 +263,26 @@ async fn many_short_runs_on_four_workers_all_end_without_waiting_for_a_heartbeat
         "the runs took {:?}: some waited for a heartbeat",
         asked.elapsed()
     );
+}
+
+/// The tails of the workers' logs in `dir`, for a failure message.
+pub(crate) fn worker_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            out += &format!("\n== {:?}\n{tail}", e.file_name());
+        }
+    }
+    out
 }
 
 async fn sql_enqueue(pool: &PgPool, cp: &str) -> Result<String, sqlx::Error> {
@@ -693,17 +710,27 @@ async fn retention_prunes_old_finished_runs_and_their_error_rows() {
     assert_eq!(errors, vec![recent.clone()]);
 }
 
-/// A CP reading the OpenClinica simulator over OC 3.x REST, with a quick
-/// client retry policy, and the simulator itself.
-async fn oc_cp(id: &str, dir: &Path) -> (TestDb, ocsync::openclinica::sim::SimHandle) {
-    use ocsync::openclinica::sim::{SimConfig, Simulator};
-    let t = TestDb::migrated().await;
-    let study = GeneratorConfig {
+/// The study the simulator of [`oc_cp_with`] serves.
+pub(crate) fn sim_study() -> GeneratorConfig {
+    GeneratorConfig {
         seed: 21,
         subjects: 6,
         sites: 1,
         ..GeneratorConfig::default()
-    };
+    }
+}
+
+/// A CP reading the OpenClinica simulator over OC 3.x REST (quick client
+/// retries), with `extra` TOML appended (a `[notify]` section, say); and
+/// the simulator.
+pub(crate) async fn oc_cp_with(
+    t: &TestDb,
+    dir: &Path,
+    id: &str,
+    extra: &str,
+) -> ocsync::openclinica::sim::SimHandle {
+    use ocsync::openclinica::sim::{SimConfig, Simulator};
+    let study = sim_study();
     let sim = Simulator::start(SimConfig::new(
         study.clone(),
         "ocsync",
@@ -722,18 +749,25 @@ default_site = "Main"
 [source]
 kind = "oc3"
 base_url = "{base}"
-study_oid = "{study}"
+study_oid = "{oid}"
 username = "ocsync"
 password = {{ file = {secret:?} }}
 network = {{ retry = {{ max_attempts = 2, base_delay_ms = 1, max_delay_ms = 5 }} }}
-"#,
+{extra}"#,
         base = sim.base_url_oc3(),
-        study = study.study_oid,
+        oid = study.study_oid,
         secret = secret.display().to_string(),
     );
     store::add(&t.pool, &CpConfig::from_toml(&toml, "oc.toml").unwrap())
         .await
         .unwrap();
+    sim
+}
+
+/// [`oc_cp_with`] on a database of its own.
+async fn oc_cp(id: &str, dir: &Path) -> (TestDb, ocsync::openclinica::sim::SimHandle) {
+    let t = TestDb::migrated().await;
+    let sim = oc_cp_with(&t, dir, id, "").await;
     (t, sim)
 }
 
