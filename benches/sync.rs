@@ -11,7 +11,11 @@
 //! 2. the ceiling: a bare `COPY … FROM STDIN` of exactly the rows that sync
 //!    wrote, into the same tables (emptied first), rows/s;
 //! 3. an incremental sync with nothing changed, and a second full sync with
-//!    nothing changed, each as a fraction of the full sync's time. OC 4.x
+//!    nothing changed, each as a fraction of the full sync's time.
+//!
+//! Steps 1 to 3 (but the second full sync) run three times each, the
+//! tables emptied before each full sync; the figures are the medians (one
+//! `COPY` can take half again as long as the next on this disk). OC 4.x
 //!    lists participants with `lastModified`, so its incremental run reads
 //!    only the list; OC 3.x has no "changed since" filter, so its
 //!    incremental run reads the whole study again and skips unchanged
@@ -28,8 +32,8 @@ use ocsync::config::{DatabaseConfig, Env};
 use ocsync::cp::CpConfig;
 use ocsync::db;
 use ocsync::odm::generate::GeneratorConfig;
-use ocsync::openclinica::SourceRegistry;
 use ocsync::openclinica::sim::{SimConfig, Simulator};
+use ocsync::openclinica::{Scope, SourceRegistry};
 use ocsync::sink::postgres::PostgresSink;
 use ocsync::sync::{self, Control, Mode, Progress, RunContext, RunResult};
 use secrecy::SecretString;
@@ -67,10 +71,30 @@ fn main() {
         .unwrap_or(if measuring { 10_000 } else { 40 });
     tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(bench(subjects));
+        .block_on(bench(subjects, measuring));
 }
 
-async fn bench(subjects: u32) {
+/// Empties the data tables and what runs remember.
+async fn empty(pool: &PgPool) {
+    for table in TABLES {
+        sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE ocsync_data.{table}")))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql("TRUNCATE ocsync.subject_state, ocsync.cp_watermarks")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The median of some timings.
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+async fn bench(subjects: u32, measuring: bool) {
     let server = std::env::var("OCSYNC_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let admin =
@@ -92,17 +116,9 @@ async fn bench(subjects: u32) {
         if !only.is_empty() && !only.eq_ignore_ascii_case(&format!("{api:?}")) {
             continue;
         }
-        results.push(measure(&pool, subjects, api).await);
-        for table in TABLES {
-            sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE ocsync_data.{table}")))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-        sqlx::raw_sql("TRUNCATE ocsync.subject_state, ocsync.cp_watermarks")
-            .execute(&pool)
-            .await
-            .unwrap();
+        let reps = if measuring { 3 } else { 1 };
+        results.push(measure(&pool, subjects, api, reps).await);
+        empty(&pool).await;
     }
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -126,10 +142,13 @@ enum Api {
 struct Figures {
     api: Api,
     subjects: u32,
+    reps: usize,
     rows: u64,
     full: Duration,
     copy: Duration,
     incremental: Duration,
+    /// The whole-study document alone.
+    document: Duration,
     second_full: Duration,
 }
 
@@ -139,13 +158,14 @@ impl Figures {
         let full_rows = per_s(self.rows as f64, self.full);
         let copy_rows = per_s(self.rows as f64, self.copy);
         println!(
-            "\nSync, OpenClinica {} simulator → Postgres sink ({} subjects, {} rows; one process)",
+            "\nSync, OpenClinica {} simulator → Postgres sink ({} subjects, {} rows; one process; median of {})",
             match self.api {
                 Api::Oc3 => "3.x (one whole-study document)",
                 Api::Oc4 => "4.x (participant list, a document per subject)",
             },
             self.subjects,
-            self.rows
+            self.rows,
+            self.reps
         );
         println!(
             "{:<52}{:>10}{:>14}{:>12}",
@@ -171,6 +191,10 @@ impl Figures {
         println!("{:<52}{:>10}{:>14}{:>12}", "", "", "", "vs full");
         for (what, d) in [
             ("incremental sync, nothing changed", self.incremental),
+            (
+                "the whole-study document alone (read, discarded)",
+                self.document,
+            ),
             ("second full sync, nothing changed", self.second_full),
         ] {
             println!(
@@ -184,7 +208,7 @@ impl Figures {
     }
 }
 
-async fn measure(pool: &PgPool, subjects: u32, api: Api) -> Figures {
+async fn measure(pool: &PgPool, subjects: u32, api: Api, reps: usize) -> Figures {
     let study = GeneratorConfig {
         seed: 42,
         subjects,
@@ -236,25 +260,65 @@ collection_time_item = "I_SPECI_COLLECTED"
     let sink = PostgresSink::new();
     let cancel = CancellationToken::new();
 
-    let mut ctx = BenchRun("full".into(), cancel.clone());
-    let started = Instant::now();
-    let out = sync::run(pool, &sources, &cp, &Mode::All, &sink, &mut ctx)
-        .await
-        .unwrap();
-    let full = started.elapsed();
-    assert_ne!(out.result, RunResult::Aborted);
-    let c = out.progress.counts;
-    let rows =
-        c.participants.created + c.visits.created + c.specimens.created + c.form_records.created;
+    let (mut fulls, mut copies, mut rows) = (Vec::new(), Vec::new(), 0);
+    for rep in 0..reps {
+        if rep > 0 {
+            empty(pool).await;
+        }
+        let mut ctx = BenchRun(format!("full-{rep}"), cancel.clone());
+        let started = Instant::now();
+        let out = sync::run(pool, &sources, &cp, &Mode::All, &sink, &mut ctx)
+            .await
+            .unwrap();
+        fulls.push(started.elapsed());
+        assert_eq!(out.result, RunResult::Success);
+        let c = out.progress.counts;
+        assert_eq!(c.participants.created, u64::from(subjects), "{c:?}");
+        rows = c.participants.created
+            + c.visits.created
+            + c.specimens.created
+            + c.form_records.created;
+        copies.push(copy_ceiling(pool).await);
+    }
+    let (full, copy) = (median(fulls), median(copies));
 
-    let copy = copy_ceiling(pool).await;
+    let mut incrementals = Vec::new();
+    for rep in 0..reps {
+        let mut ctx = BenchRun(format!("incremental-{rep}"), cancel.clone());
+        let started = Instant::now();
+        let out = sync::run(pool, &sources, &cp, &Mode::Incremental, &sink, &mut ctx)
+            .await
+            .unwrap();
+        incrementals.push(started.elapsed());
+        // Nothing written (OC 4.x does not even fetch most subjects).
+        let c = out.progress.counts;
+        let written = [c.participants, c.visits, c.specimens, c.form_records]
+            .iter()
+            .map(|e| e.created + e.updated + e.failed)
+            .sum::<u64>();
+        assert_eq!(written, 0, "{c:?}");
+    }
+    let incremental = median(incrementals);
 
-    let mut ctx = BenchRun("incremental".into(), cancel.clone());
-    let started = Instant::now();
-    sync::run(pool, &sources, &cp, &Mode::Incremental, &sink, &mut ctx)
-        .await
-        .unwrap();
-    let incremental = started.elapsed();
+    // The floor of an OC 3.x incremental run: the whole-study document
+    // alone, read to its end and thrown away.
+    let source = sources.source(&cp.source).unwrap();
+    let mut reads = Vec::new();
+    for _ in 0..reps {
+        use futures::StreamExt;
+        let started = Instant::now();
+        let mut body = source
+            .clinical_data(Scope::Study)
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::io::copy(&mut body, &mut tokio::io::sink())
+            .await
+            .unwrap();
+        reads.push(started.elapsed());
+    }
+    let document = median(reads);
 
     let mut ctx = BenchRun("second".into(), cancel);
     let started = Instant::now();
@@ -266,10 +330,12 @@ collection_time_item = "I_SPECI_COLLECTED"
     Figures {
         api,
         subjects,
+        reps,
         rows,
         full,
         copy,
         incremental,
+        document,
         second_full,
     }
 }

@@ -759,6 +759,7 @@ fn serialize_source<S: Serializer>(source: &SourceConfig, s: S) -> Result<S::Ok,
             password,
             query,
             network,
+            whole_study,
         }) => {
             map.serialize_entry("kind", "oc4")?;
             map.serialize_entry("base_url", base_url.as_str())?;
@@ -768,6 +769,7 @@ fn serialize_source<S: Serializer>(source: &SourceConfig, s: S) -> Result<S::Ok,
             map.serialize_entry("password", &Cred(password))?;
             map.serialize_entry("query", &Query(query))?;
             map.serialize_entry("network", &Net(network))?;
+            map.serialize_entry("whole_study", whole_study)?;
         }
         SourceConfig::File(FileConfig { path, pattern }) => {
             map.serialize_entry("kind", "file")?;

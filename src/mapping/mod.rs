@@ -43,7 +43,7 @@ mod index;
 mod records;
 mod subject;
 
-pub use hash::content_hash;
+pub use hash::{InputKey, content_hash, input_fingerprint};
 pub use index::{EventInfo, FormInfo, GroupInfo, ItemInfo, MetadataIndex, strip_version_suffix};
 pub use records::{
     FormRecord, ParticipantRecord, RecordError, RecordStatus, SpecimenRecord, Stage,

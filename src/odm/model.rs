@@ -19,7 +19,7 @@ pub enum Record {
 }
 
 /// `Study`: the study design.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Study {
     /// `Study@OID` (the parent study or a site).
     pub oid: String,
@@ -31,7 +31,7 @@ pub struct Study {
 }
 
 /// `MetaDataVersion`: the definitions the clinical data refers to by OID.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct MetaDataVersion {
     pub oid: String,
     pub name: Option<String>,
@@ -43,7 +43,7 @@ pub struct MetaDataVersion {
 }
 
 /// `StudyEventDef`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct StudyEventDef {
     pub oid: String,
     pub name: Option<String>,
@@ -57,7 +57,7 @@ pub struct StudyEventDef {
 
 /// `FormDef`. In OpenClinica 3.x a FormDef is a CRF *version*; the CRF it
 /// belongs to is `OpenClinica:FormDetails@ParentFormOID`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct FormDef {
     pub oid: String,
     pub name: Option<String>,
@@ -69,7 +69,7 @@ pub struct FormDef {
 }
 
 /// `ItemGroupDef`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct ItemGroupDef {
     pub oid: String,
     pub name: Option<String>,
@@ -79,7 +79,7 @@ pub struct ItemGroupDef {
 }
 
 /// `ItemDef`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct ItemDef {
     pub oid: String,
     pub name: Option<String>,
@@ -91,7 +91,7 @@ pub struct ItemDef {
 }
 
 /// `CodeList`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct CodeList {
     pub oid: String,
     pub name: Option<String>,
@@ -100,7 +100,7 @@ pub struct CodeList {
 }
 
 /// `CodeListItem` (or `EnumeratedItem`, which has no decode).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct CodeListItem {
     pub coded_value: String,
     /// The first `Decode/TranslatedText`.
@@ -108,7 +108,7 @@ pub struct CodeListItem {
 }
 
 /// `SubjectData` with its events.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Subject {
     /// `StudyOID` of the enclosing `ClinicalData`: the study, or the site
     /// when OpenClinica writes one block per site.
@@ -133,7 +133,7 @@ pub struct Subject {
 }
 
 /// `StudyEventData`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct StudyEvent {
     pub oid: String,
     /// `StudyEventRepeatKey`, absent for non-repeating events.
@@ -145,7 +145,7 @@ pub struct StudyEvent {
 }
 
 /// `FormData`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Form {
     /// 3.x: the CRF version OID; 4.x: the form OID.
     pub oid: String,
@@ -162,7 +162,7 @@ pub struct Form {
 }
 
 /// `ItemGroupData`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct ItemGroup {
     pub oid: String,
     pub repeat_key: Option<String>,
@@ -171,7 +171,7 @@ pub struct ItemGroup {
 }
 
 /// `ItemData`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Item {
     pub oid: String,
     /// `None` when `IsNull="Yes"` or when there is no `Value` attribute;
@@ -184,7 +184,7 @@ pub struct Item {
 /// The audit trail of one subject reduced to what incremental sync needs:
 /// `AuditLog@ID` is monotonic (`AL_<number>`), `@DateTimeStamp` has no time
 /// zone and sorts as text.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct AuditSummary {
     /// Number of `OpenClinica:AuditLog` entries anywhere under the subject.
     pub entries: u64,

@@ -172,3 +172,50 @@ impl Stream for HttpChunks {
         }
     }
 }
+
+/// Chunks of a body, pulled from the server by a task of their own up to
+/// `budget` bytes ahead of the consumer. The idle timeout of the chunks
+/// still runs only while that task waits on the server; it stops reading
+/// (and the server's sending is held back by TCP) while the budget is
+/// spent. Dropping the stream stops the task and drops the response.
+pub(crate) struct ReadAhead {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(io::Result<Bytes>, OwnedSemaphorePermit)>,
+    _pump: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl ReadAhead {
+    pub(crate) fn spawn(mut chunks: HttpChunks, budget: usize) -> Self {
+        use futures::StreamExt;
+        let budget = budget.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let room = std::sync::Arc::new(tokio::sync::Semaphore::new(budget));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            while let Some(item) = chunks.next().await {
+                let size = item.as_ref().map_or(0, Bytes::len).clamp(1, budget);
+                let Ok(permit) = room.clone().acquire_many_owned(size as u32).await else {
+                    return;
+                };
+                let failed = item.is_err();
+                if tx.send((item, permit)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self {
+            rx,
+            _pump: tokio_util::task::AbortOnDropHandle::new(pump),
+        }
+    }
+}
+
+impl Stream for ReadAhead {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // The permit goes with the chunk's place in the queue.
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|next| next.map(|(item, _permit)| item))
+    }
+}

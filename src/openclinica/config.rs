@@ -69,6 +69,17 @@ pub struct Oc4Config {
     pub query: QueryFlags,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Full runs (mode `all`) read the whole study in one document, as for
+    /// OC 3.x, instead of one request per participant; when OpenClinica
+    /// refuses or fails that document before its first subject, the run
+    /// goes on a document per participant. `false`: always a document per
+    /// participant (for studies too large for OC to build in one answer).
+    #[serde(default = "yes")]
+    pub whole_study: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An ODM extract file, or a folder where scheduled extracts land.

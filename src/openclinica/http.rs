@@ -17,7 +17,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use super::body::{Body, HttpChunks};
+use super::body::{Body, HttpChunks, ReadAhead};
 use super::config::NetworkConfig;
 use super::error::{Attempt, OcError, Origin, status_is_transient};
 use super::retry;
@@ -25,6 +25,8 @@ use super::retry;
 /// Buffer of the reader over a response body; larger reads gain nothing
 /// because chunks arrive at network pace.
 const READ_BUFFER: usize = 64 * 1024;
+/// Bytes of a whole-study document read ahead of its parser.
+const READ_AHEAD: usize = 16 << 20;
 
 /// What one attempt came to.
 pub(crate) enum Outcome {
@@ -230,9 +232,19 @@ impl Server {
             self.origin.clone(),
             url.path().to_owned(),
         );
+        if subject.is_some() {
+            let reader = tokio::io::BufReader::with_capacity(
+                READ_BUFFER,
+                tokio_util::io::StreamReader::new(chunks),
+            );
+            return Body::new(reader, subject);
+        }
+        // A whole-study document: read ahead of the parser, so the server
+        // keeps sending while a batch is mapped instead of waiting on a
+        // full socket buffer.
         let reader = tokio::io::BufReader::with_capacity(
             READ_BUFFER,
-            tokio_util::io::StreamReader::new(chunks),
+            tokio_util::io::StreamReader::new(ReadAhead::spawn(chunks, READ_AHEAD)),
         );
         Body::new(reader, subject)
     }

@@ -115,12 +115,21 @@ impl Oc4 {
         )
     }
 
-    /// Metadata alone: the clinical data call for no subject in particular
-    /// with metadata and nothing else that costs (4.x has no metadata-only
-    /// REST call).
-    pub fn metadata_url(&self, study: &str) -> Url {
+    /// The metadata: the clinical data call for one subject (`*`, the
+    /// whole study, only when there is none) with metadata and nothing
+    /// else that costs (4.x has no metadata-only REST call).
+    pub fn metadata_url(&self, study: &str, subject: Option<&str>) -> Url {
         self.server.url(
-            &["pages", "auth", "api", "clinicaldata", study, "*", "*", "*"],
+            &[
+                "pages",
+                "auth",
+                "api",
+                "clinicaldata",
+                study,
+                subject.unwrap_or("*"),
+                "*",
+                "*",
+            ],
             &[
                 ("includeMetadata", "y"),
                 ("includeAudits", "n"),

@@ -115,12 +115,20 @@ impl Source {
         }
     }
 
-    /// The study metadata document. For files, the whole extract (an
-    /// extract carries its metadata).
+    /// The study metadata document. For OC 4.x, the metadata with the first
+    /// listed participant's data (one request for the list, one for that).
+    /// For files, the whole extract (an extract carries its metadata).
     pub async fn metadata(&self) -> Result<Body, OcError> {
         match &*self.inner {
             Kind::Oc3(c) => c.get_xml(&c.metadata_url(&self.study_oid), None).await,
-            Kind::Oc4(c) => c.get_xml(&c.metadata_url(&self.study_oid), None).await,
+            Kind::Oc4(c) => {
+                // 4.x has no metadata-only call: the metadata comes with one
+                // participant's data, so OC never builds the whole study
+                // (which a large study may not survive) just for it.
+                let first = c.participants(&self.study_oid).await?.into_iter().next();
+                let url = c.metadata_url(&self.study_oid, first.map(|l| l.subject_key).as_deref());
+                c.get_xml(&url, None).await
+            }
             Kind::Files(f) => f.open().await,
         }
     }

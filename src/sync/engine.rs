@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cp::CpConfig;
-use crate::mapping::{self, MetadataIndex, RecordError, Stage, SubjectRecords};
+use crate::mapping::{self, InputKey, MetadataIndex, RecordError, Stage, SubjectRecords};
 use crate::odm::{OdmError, Subject};
 use crate::openclinica::{OcError, SourceRegistry};
 use crate::sink::{Counts, Sink, SinkError};
@@ -37,6 +37,12 @@ pub struct Progress {
 pub struct Cursor {
     pub subjects_done: u64,
     pub last_subject_key: Option<String>,
+    /// How the first attempt read the study (OC 4.x full runs): `true` one
+    /// whole-study document, `false` a document per participant. A resumed
+    /// attempt reads the same way, so skipping `subjects_done` subjects
+    /// lands where the committed ones end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_study: Option<bool>,
 }
 
 /// What the runner says at a batch boundary.
@@ -144,11 +150,13 @@ pub async fn run<S: Sink, C: RunContext>(
             r = read_metadata(&source).instrument(tracing::info_span!("oc.metadata")) => r?,
         };
         let index = MetadataIndex::new(&study);
+        let input_key = InputKey::new(cp, &study);
         let watermark = state::load_watermark(pool, &cp_id).await?;
         let feed = tokio::select! {
             () = cancel.cancelled() => return Ok(aborted(progress)),
-            r = Feed::open(&source, kind, mode, &watermark, progress.cursor.subjects_done) => r?,
+            r = Feed::open(&source, kind, mode, &watermark, &progress.cursor) => r?,
         };
+        progress.cursor.whole_study = feed.whole_study;
         if progress.subjects_total.is_none() {
             progress.subjects_total = feed.total;
         }
@@ -162,6 +170,7 @@ pub async fn run<S: Sink, C: RunContext>(
             pool: pool.clone(),
             cp: cp.clone(),
             index,
+            input_key,
             incremental: matches!(mode, Mode::Incremental),
             batch_size,
             cancel: cancel.clone(),
@@ -275,6 +284,7 @@ struct Producer {
     pool: PgPool,
     cp: CpConfig,
     index: MetadataIndex,
+    input_key: InputKey,
     incremental: bool,
     batch_size: usize,
     cancel: CancellationToken,
@@ -379,16 +389,17 @@ impl Producer {
             }
             b.last_key = Some(subject.subject_key.clone());
             let prior = known.get(&subject.subject_key);
-            match outcome(
-                &self.cp,
-                &self.index,
-                &subject,
+            let input = Input {
+                subject: &subject,
+                fingerprint: mapping::input_fingerprint(self.input_key, &subject),
                 audit,
                 last_modified,
-                prior,
-                self.incremental,
-            ) {
-                Outcome::Unchanged(c) => b.counts.add(&c.unchanged()),
+            };
+            match outcome(&self.cp, &self.index, input, prior, self.incremental) {
+                Outcome::Unchanged(c, refresh) => {
+                    b.counts.add(&c.unchanged());
+                    b.written.extend(refresh);
+                }
                 Outcome::Failed(e) => {
                     b.counts.participants.failed += 1;
                     b.errors.extend(e);
@@ -396,19 +407,11 @@ impl Producer {
                 }
                 Outcome::Write {
                     records,
-                    hash,
-                    audit_max_id,
-                    last_modified,
+                    state,
                     errors,
                 } => {
                     if errors.is_empty() {
-                        b.written.push(Written {
-                            subject_key: subject.subject_key.clone(),
-                            content_hash: hash,
-                            audit_max_id,
-                            last_modified,
-                            counts: RecordCounts::of(&records),
-                        });
+                        b.written.push(state);
                     } else {
                         b.errors.extend(errors);
                         b.failed_keys.push(subject.subject_key.clone());
@@ -421,15 +424,24 @@ impl Producer {
     }
 }
 
+/// One subject as the feed gave it, with what is known of it.
+struct Input<'a> {
+    subject: &'a Subject,
+    /// [`mapping::input_fingerprint`].
+    fingerprint: String,
+    audit: Option<i64>,
+    last_modified: Option<String>,
+}
+
 /// What one subject of a batch comes to.
 enum Outcome {
-    /// Unchanged since its last write (incremental): counted, not written.
-    Unchanged(RecordCounts),
+    /// Unchanged since its last write (incremental): counted, not written;
+    /// with its state to keep when its input fingerprint is new.
+    Unchanged(RecordCounts, Option<Written>),
     Write {
         records: Box<SubjectRecords>,
-        hash: String,
-        audit_max_id: Option<i64>,
-        last_modified: Option<String>,
+        /// The subject's state once written.
+        state: Written,
         /// Mapping errors: the records are written, but the subject's
         /// fingerprint is not kept, so it is tried again next time.
         errors: Vec<RecordError>,
@@ -458,6 +470,15 @@ async fn commit_batch<S: Sink, C: RunContext>(
     } = batch;
 
     let mut tx = pool.begin().await?;
+    // A batch's commit need not wait for its WAL to reach the disk: should
+    // PostgreSQL crash, it loses the newest commits whole (data and
+    // checkpoint together, never one without the other) and the run
+    // resumes from the last checkpoint that survived. The run's last
+    // transaction commits synchronously, which flushes every batch's WAL
+    // before the run can be seen to end.
+    sqlx::raw_sql("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let outcome = sink
         .write_batch(&mut tx, cp_id, &to_write)
         .instrument(tracing::info_span!("sink.write", subjects = to_write.len()))
@@ -488,6 +509,7 @@ async fn commit_batch<S: Sink, C: RunContext>(
     progress.cursor = Cursor {
         subjects_done: progress.cursor.subjects_done + taken,
         last_subject_key: last_key.or(progress.cursor.last_subject_key.take()),
+        whole_study: progress.cursor.whole_study,
     };
     let control = ctx.checkpoint(&mut tx, progress).await?;
     tx.commit().await?;
@@ -505,20 +527,20 @@ async fn commit_batch<S: Sink, C: RunContext>(
 fn outcome(
     cp: &CpConfig,
     index: &MetadataIndex,
-    subject: &Subject,
-    audit: Option<i64>,
-    last_modified: Option<String>,
+    input: Input<'_>,
     prior: Option<&state::SubjectState>,
     incremental: bool,
 ) -> Outcome {
-    // The document's audit trail says nothing happened since the last
-    // write: skip without even mapping.
+    let subject = input.subject;
+    // The subject reads exactly as it did at its last write, under the
+    // same configuration and metadata: it maps to the same records. (Its
+    // audit trail alone would not do: a new mapping changes records whose
+    // OpenClinica data did not change.)
     if incremental
         && let Some(p) = prior
-        && audit.is_some()
-        && p.audit_max_id == audit
+        && p.input_hash.as_deref() == Some(input.fingerprint.as_str())
     {
-        return Outcome::Unchanged(p.counts);
+        return Outcome::Unchanged(p.counts, None);
     }
     let mapped = mapping::map_subject(cp, index, subject);
     let Some(records) = mapped.records else {
@@ -533,19 +555,27 @@ fn outcome(
         }
         return Outcome::Failed(errors);
     };
-    let hash = mapping::content_hash(&records);
+    let state = Written {
+        subject_key: subject.subject_key.clone(),
+        content_hash: mapping::content_hash(&records),
+        input_hash: Some(input.fingerprint),
+        audit_max_id: input.audit,
+        last_modified: input.last_modified,
+        counts: RecordCounts::of(&records),
+    };
     if incremental
         && mapped.errors.is_empty()
         && let Some(p) = prior
-        && p.content_hash == hash
+        && p.content_hash == state.content_hash
     {
-        return Outcome::Unchanged(p.counts);
+        // Same records from a different reading (a new configuration or
+        // metadata that changes nothing here): keep the new fingerprint so
+        // the next run skips it without mapping.
+        return Outcome::Unchanged(p.counts, Some(state));
     }
     Outcome::Write {
         records: Box::new(records),
-        hash,
-        audit_max_id: audit,
-        last_modified,
+        state,
         errors: mapped.errors,
     }
 }

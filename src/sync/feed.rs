@@ -3,9 +3,12 @@
 //!
 //! Two shapes:
 //! - one document for the whole study (OC 3.x `all`/`incremental`, extract
-//!   files), read as a stream, optionally keeping only listed subjects;
-//! - one document per subject (OC 4.x, and `subjects` runs against a REST
-//!   source), fetched ahead with the source's concurrency limit.
+//!   files, OC 4.x `all` unless its CP says otherwise), read as a stream,
+//!   optionally keeping only listed subjects; for OC 4.x, followed by the
+//!   listed participants the document lacked, one request each;
+//! - one document per subject (OC 4.x `incremental`, OC 4.x `all` when the
+//!   whole study cannot be had, and `subjects` runs against a REST source),
+//!   fetched ahead with the source's concurrency limit.
 //!
 //! A subject that cannot be fetched or parsed on its own becomes an error
 //! row and the feed goes on; a failure that stops the whole document (or
@@ -19,7 +22,7 @@ use crate::mapping::{RecordError, Stage};
 use crate::odm::{OdmError, OdmReader, Record, Study, Subject};
 use crate::openclinica::{Bodies, Body, OcError, Scope, Source, Subjects, is_transient_io};
 
-use super::engine::SyncError;
+use super::engine::{Cursor, SyncError};
 use super::mode::Mode;
 use super::state::{INCREMENTAL_OVERLAP, Watermark};
 
@@ -43,6 +46,22 @@ pub(crate) struct Feed {
     wanted: Option<Wanted>,
     /// The greatest `lastModified` among the listed subjects (4.x).
     pub listed_last_modified: Option<String>,
+    /// OC 4.x full runs: whether the study is read as one document
+    /// (recorded in the run's cursor, see [`Cursor::whole_study`]).
+    pub whole_study: Option<bool>,
+    /// A whole-study document read against the participants list: listed
+    /// participants the document lacks are fetched one by one after it.
+    listed: Option<Listed>,
+}
+
+struct Listed {
+    source: Source,
+    /// The listed participants, in the list's order.
+    keys: Vec<String>,
+    seen: HashSet<String>,
+    last_modified: HashMap<String, String>,
+    /// Of those the document lacks, how many an earlier attempt committed.
+    skip: u64,
 }
 
 enum Shape {
@@ -67,17 +86,18 @@ struct Wanted {
 }
 
 impl Feed {
-    /// Opens the feed for `mode`, skipping the first `skip` subjects (a
-    /// resumed run's checkpoint).
+    /// Opens the feed for `mode`, resuming after `cursor` (the subjects an
+    /// earlier attempt of the run committed).
     pub async fn open(
         source: &Source,
         kind: SourceKind,
         mode: &Mode,
         watermark: &Watermark,
-        skip: u64,
+        cursor: &Cursor,
     ) -> Result<Self, SyncError> {
+        let skip = cursor.subjects_done;
         let mut feed = match (mode, kind) {
-            (Mode::Subjects { subjects }, SourceKind::Oc3 | SourceKind::Oc4) => {
+            (Mode::Subjects { subjects }, SourceKind::Oc3 | SourceKind::Oc4 { .. }) => {
                 let keys: Vec<String> = subjects.iter().skip(skip as usize).cloned().collect();
                 Self::each(source, keys, HashMap::new(), Some(subjects.len() as u64))
             }
@@ -93,7 +113,7 @@ impl Feed {
             (Mode::All | Mode::Incremental, SourceKind::Oc3 | SourceKind::Files) => {
                 Self::document(source).await?
             }
-            (Mode::All | Mode::Incremental, SourceKind::Oc4) => {
+            (Mode::All | Mode::Incremental, SourceKind::Oc4 { whole_study }) => {
                 match source.subjects().await.map_err(SyncError::Source)? {
                     Subjects::Listed(list) => {
                         let since = match mode {
@@ -120,8 +140,41 @@ impl Feed {
                             subjects.selected = total,
                             "subject list read"
                         );
-                        let keys = keys.into_iter().skip(skip as usize).collect();
-                        let mut f = Self::each(source, keys, modified, Some(total));
+                        let whole = match cursor.whole_study {
+                            Some(w) => w,
+                            None => whole_study && matches!(mode, Mode::All),
+                        };
+                        let document = if whole {
+                            Self::whole_study(source, cursor.whole_study.is_some()).await?
+                        } else {
+                            None
+                        };
+                        let mut f = match document {
+                            Some(body) => Self {
+                                shape: Shape::Document {
+                                    reader: Box::new(OdmReader::new(body)),
+                                },
+                                total: Some(total),
+                                wanted: None,
+                                listed_last_modified: None,
+                                whole_study: Some(true),
+                                listed: Some(Listed {
+                                    source: source.clone(),
+                                    keys,
+                                    seen: HashSet::new(),
+                                    last_modified: modified,
+                                    skip: 0,
+                                }),
+                            },
+                            None => {
+                                let keys = keys.into_iter().skip(skip as usize).collect();
+                                let mut f = Self::each(source, keys, modified, Some(total));
+                                if matches!(mode, Mode::All) {
+                                    f.whole_study = Some(false);
+                                }
+                                f
+                            }
+                        };
                         f.listed_last_modified = listed_last_modified;
                         f
                     }
@@ -132,18 +185,44 @@ impl Feed {
                         total: None,
                         wanted: None,
                         listed_last_modified: None,
+                        whole_study: None,
+                        listed: None,
                     },
                 }
             }
         };
         if matches!(feed.shape, Shape::Document { .. }) {
-            for _ in 0..skip {
+            for done in 0..skip {
                 if feed.next_in_document().await?.is_none() {
+                    // The earlier attempt had gone past the document into
+                    // the listed subjects it lacked.
+                    if let Some(l) = &mut feed.listed {
+                        l.skip = skip - done;
+                    }
                     break;
                 }
             }
         }
         Ok(feed)
+    }
+
+    /// The whole study in one document (OC 4.x full runs). `None` when
+    /// OpenClinica refuses or fails it before it starts, so the caller
+    /// reads a document per participant instead; with `resumed` (an earlier
+    /// attempt read the document, and resuming must read it again) the
+    /// failure is the run's.
+    async fn whole_study(source: &Source, resumed: bool) -> Result<Option<Body>, SyncError> {
+        match first_body(source.clinical_data(Scope::Study)).await {
+            Ok(body) => Ok(Some(body)),
+            Err(SyncError::Source(e)) if !resumed && !is_auth_failure(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the whole-study document failed; reading a document per participant"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn each(
@@ -162,6 +241,8 @@ impl Feed {
             total,
             wanted: None,
             listed_last_modified: None,
+            whole_study: None,
+            listed: None,
         }
     }
 
@@ -174,6 +255,8 @@ impl Feed {
             total: None,
             wanted: None,
             listed_last_modified: None,
+            whole_study: None,
+            listed: None,
         })
     }
 
@@ -183,6 +266,10 @@ impl Feed {
             Shape::Done => Ok(None),
             Shape::Document { .. } => loop {
                 let Some(subject) = self.next_in_document().await? else {
+                    if self.listed.is_some() {
+                        self.after_document();
+                        return Box::pin(self.next()).await;
+                    }
                     return Ok(self.missing_wanted());
                 };
                 if let Some(w) = &mut self.wanted {
@@ -197,9 +284,13 @@ impl Feed {
                         None => continue,
                     }
                 }
+                let last_modified = self
+                    .listed
+                    .as_ref()
+                    .and_then(|l| l.last_modified.get(&subject.subject_key).cloned());
                 return Ok(Some(Item::Subject {
                     subject,
-                    last_modified: None,
+                    last_modified,
                 }));
             },
             Shape::Each {
@@ -249,7 +340,12 @@ impl Feed {
         };
         loop {
             match reader.next_record_async().await {
-                Ok(Some(Record::Subject(s))) => return Ok(Some(s)),
+                Ok(Some(Record::Subject(s))) => {
+                    if let Some(l) = &mut self.listed {
+                        l.seen.insert(s.subject_key.clone());
+                    }
+                    return Ok(Some(s));
+                }
                 Ok(Some(Record::Study(_))) => continue,
                 Ok(None) => {
                     self.shape = Shape::Done;
@@ -261,6 +357,35 @@ impl Feed {
                 }
             }
         }
+    }
+
+    /// After a whole-study document: the listed participants it lacked
+    /// (added since the list was read, or left out of it), one request
+    /// each, as a run without the document would have read them.
+    fn after_document(&mut self) {
+        let Some(l) = self.listed.take() else {
+            return;
+        };
+        let missing: Vec<String> = l
+            .keys
+            .into_iter()
+            .filter(|k| !l.seen.contains(k))
+            .skip(l.skip as usize)
+            .collect();
+        if missing.is_empty() {
+            self.shape = Shape::Done;
+            return;
+        }
+        tracing::info!(
+            subjects = missing.len(),
+            "listed participants not in the whole-study document; reading them one by one"
+        );
+        self.shape = Shape::Each {
+            source: l.source.clone(),
+            bodies: l.source.clinical_data(Scope::Subjects(missing.clone())),
+            keys: missing.into(),
+            last_modified: l.last_modified,
+        };
     }
 
     /// After the document ends: one error row per listed subject that was
@@ -285,8 +410,8 @@ pub(crate) enum SourceKind {
     /// the whole study.
     Oc3,
     /// OpenClinica 4.x: per-subject requests and a participants list with
-    /// `lastModified`.
-    Oc4,
+    /// `lastModified`; `whole_study`: full runs read one document.
+    Oc4 { whole_study: bool },
     /// Extract files: one document holds everything.
     Files,
 }
@@ -296,7 +421,9 @@ impl SourceKind {
         use crate::openclinica::SourceConfig as C;
         match config {
             C::Oc3(_) => Self::Oc3,
-            C::Oc4(_) => Self::Oc4,
+            C::Oc4(c) => Self::Oc4 {
+                whole_study: c.whole_study,
+            },
             C::File(_) => Self::Files,
         }
     }
@@ -385,24 +512,28 @@ fn document_error(e: OdmError) -> SyncError {
     }
 }
 
+/// OpenClinica refused the account: reading another way would not help.
+fn is_auth_failure(e: &OcError) -> bool {
+    match e {
+        OcError::Status { status, .. } => {
+            *status == reqwest::StatusCode::UNAUTHORIZED
+                || *status == reqwest::StatusCode::FORBIDDEN
+        }
+        OcError::Config(_)
+        | OcError::Credential { .. }
+        | OcError::AuthRejected { .. }
+        | OcError::SessionLost { .. } => true,
+        _ => false,
+    }
+}
+
 /// A fetch failure that concerns the server, not the subject: the run stops
 /// (and the queue retries it when transient) instead of writing one error
 /// row per subject.
 fn is_run_level(e: &OcError) -> bool {
     e.is_transient()
-        || match e {
-            OcError::Status { status, .. } => {
-                *status == reqwest::StatusCode::UNAUTHORIZED
-                    || *status == reqwest::StatusCode::FORBIDDEN
-            }
-            OcError::Config(_)
-            | OcError::Credential { .. }
-            | OcError::AuthRejected { .. }
-            | OcError::SessionLost { .. }
-            | OcError::NoMatchingFile { .. }
-            | OcError::File { .. } => true,
-            _ => false,
-        }
+        || is_auth_failure(e)
+        || matches!(e, OcError::NoMatchingFile { .. } | OcError::File { .. })
 }
 
 /// Whether a subject modified at `modified` may have changed since `since`

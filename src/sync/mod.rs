@@ -27,25 +27,36 @@
 //!   overlap window (`INCREMENTAL_OVERLAP`, because OC writes times without a
 //!   zone and clocks drift); only those are fetched. A subject whose
 //!   `lastModified` cannot be read is always fetched.
-//! - OC 3.x and extract files: the whole study is read (one document);
-//!   subjects whose greatest audit-log ID is the one recorded at their last
-//!   write (when the document carries audit logs) are skipped without
-//!   mapping. So an incremental run of an OC 3.x CP costs at least a read
-//!   of the whole study: `make bench` measures it at about half of a full
-//!   sync's time, against about a hundredth for OC 4.x.
-//! - Every fetched subject is mapped and its records' sha-256 compared with
-//!   the one stored at its last write; an unchanged subject is never
-//!   rewritten. Because the fingerprint covers the mapped records, a change
-//!   in the CP's mapping also counts as a change.
+//! - OC 3.x and extract files: the whole study is read (one document).
+//!   So an incremental run of an OC 3.x CP costs at least the server's
+//!   answer for the whole study: `make bench` measures that read alone at
+//!   about a tenth of a full sync's time, and the incremental run at about
+//!   a third of it, against a fiftieth for OC 4.x.
+//! - Every subject read is fingerprinted as read
+//!   ([`crate::mapping::input_fingerprint`]: its ODM, keyed by the CP's
+//!   configuration, the study's metadata and the ocsync version). One that
+//!   matches the fingerprint stored at its last write maps to the same
+//!   records and is skipped without mapping.
+//! - Any other is mapped and its records' sha-256 compared with the one
+//!   stored at its last write; an unchanged subject is never rewritten
+//!   (its new input fingerprint is kept, so the next run skips it). A
+//!   change in the CP's configuration changes every input fingerprint, so
+//!   a new mapping is always applied.
 //!
 //! It cannot see: a subject deleted outright from OpenClinica or missing
 //! from a newer extract (OC removes rather than deletes; a full run flags
 //! vanished visits and forms per subject, not vanished subjects); in OC 4.x,
 //! a change that does not move `lastModified` (such as a metadata-only
-//! edit) until the next full run; in OC 3.x with audit logs in the document,
-//! a change that writes no audit-log entry (OpenClinica audits every data
-//! change; metadata edits are not data changes) is caught only by a run
-//! whose document lacks audit logs, or by a full run.
+//! edit) until the next full run.
+//!
+//! # How a full run reads OC 4.x
+//! One whole-study document, as for OC 3.x (`whole_study = true`, the
+//! default): one request instead of one per participant. When OpenClinica
+//! refuses or fails that document before its first subject (large studies
+//! can be too large for it to build), the run reads a document per
+//! participant instead; participants the list holds and the document lacks
+//! are read one by one after it. A resumed attempt reads the way its first
+//! attempt did ([`Cursor::whole_study`]).
 //!
 //! # Where records go
 //! [`for_cp`] turns a CP's `[target]` into an [`crate::sink::AnySink`]

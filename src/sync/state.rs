@@ -20,6 +20,8 @@ pub const INCREMENTAL_OVERLAP: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SubjectState {
     pub content_hash: String,
+    /// [`crate::mapping::input_fingerprint`] at the last write, when known.
+    pub input_hash: Option<String>,
     pub audit_max_id: Option<i64>,
     pub counts: RecordCounts,
 }
@@ -65,8 +67,15 @@ pub(crate) async fn load_subject_states(
     cp: &str,
     keys: &[String],
 ) -> Result<HashMap<String, SubjectState>, sqlx::Error> {
-    let rows: Vec<(String, String, Option<i64>, sqlx::types::Json<RecordCounts>)> = sqlx::query_as(
-        "SELECT subject_key, content_hash, audit_max_id, record_counts \
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<i64>,
+        sqlx::types::Json<RecordCounts>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT subject_key, content_hash, input_hash, audit_max_id, record_counts \
              FROM ocsync.subject_state WHERE cp_id = $1 AND subject_key = ANY($2)",
     )
     .bind(cp)
@@ -75,11 +84,12 @@ pub(crate) async fn load_subject_states(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(key, content_hash, audit_max_id, counts)| {
+        .map(|(key, content_hash, input_hash, audit_max_id, counts)| {
             (
                 key,
                 SubjectState {
                     content_hash,
+                    input_hash,
                     audit_max_id,
                     counts: counts.0,
                 },
@@ -88,10 +98,12 @@ pub(crate) async fn load_subject_states(
         .collect())
 }
 
-/// A subject written cleanly in this batch.
+/// A subject written cleanly in this batch (or found unchanged with a new
+/// input fingerprint).
 pub(crate) struct Written {
     pub subject_key: String,
     pub content_hash: String,
+    pub input_hash: Option<String>,
     pub audit_max_id: Option<i64>,
     pub last_modified: Option<String>,
     pub counts: RecordCounts,
@@ -110,6 +122,7 @@ pub(crate) async fn save_subject_states(
     }
     let keys: Vec<&str> = written.iter().map(|w| w.subject_key.as_str()).collect();
     let hashes: Vec<&str> = written.iter().map(|w| w.content_hash.as_str()).collect();
+    let inputs: Vec<Option<&str>> = written.iter().map(|w| w.input_hash.as_deref()).collect();
     let audits: Vec<Option<i64>> = written.iter().map(|w| w.audit_max_id).collect();
     let modified: Vec<Option<&str>> = written.iter().map(|w| w.last_modified.as_deref()).collect();
     let counts: Vec<serde_json::Value> = written
@@ -118,15 +131,18 @@ pub(crate) async fn save_subject_states(
         .collect();
     sqlx::query(
         "INSERT INTO ocsync.subject_state AS s \
-             (cp_id, subject_key, content_hash, audit_max_id, last_modified, record_counts, run_id) \
-         SELECT $1, k, h, a, m, c, $7 \
-         FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[]) AS t(k, h, a, m, c) \
+             (cp_id, subject_key, content_hash, audit_max_id, last_modified, record_counts, run_id, \
+              input_hash) \
+         SELECT $1, k, h, a, m, c, $7, i \
+         FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[], $8::text[]) \
+              AS t(k, h, a, m, c, i) \
          ON CONFLICT (cp_id, subject_key) DO UPDATE SET \
              content_hash = EXCLUDED.content_hash, audit_max_id = EXCLUDED.audit_max_id, \
              last_modified = EXCLUDED.last_modified, record_counts = EXCLUDED.record_counts, \
-             run_id = EXCLUDED.run_id, synced_at = now() \
-         WHERE (s.content_hash, s.audit_max_id, s.last_modified) \
-               IS DISTINCT FROM (EXCLUDED.content_hash, EXCLUDED.audit_max_id, EXCLUDED.last_modified)",
+             input_hash = EXCLUDED.input_hash, run_id = EXCLUDED.run_id, synced_at = now() \
+         WHERE (s.content_hash, s.audit_max_id, s.last_modified, s.input_hash) \
+               IS DISTINCT FROM (EXCLUDED.content_hash, EXCLUDED.audit_max_id, \
+                                 EXCLUDED.last_modified, EXCLUDED.input_hash)",
     )
     .bind(cp)
     .bind(&keys)
@@ -135,6 +151,7 @@ pub(crate) async fn save_subject_states(
     .bind(&modified)
     .bind(&counts)
     .bind(run_id)
+    .bind(&inputs)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -147,8 +147,9 @@ auth_url = "{auth}"
 study_oid = "{study}"
 username = "ocsync"
 password = {{ env = "OC_BROWSER_PASSWORD" }}
-# One subject in flight at a time: with the simulator's latency, the run
-# takes long enough to be watched and aborted.
+# A document per participant, one in flight at a time: with the
+# simulator's latency, the run takes long enough to be watched and aborted.
+whole_study = false
 network = {{ max_concurrency = 1 }}
 
 [event_map]

@@ -110,6 +110,7 @@ impl Sim {
                 password,
                 query: c.flags,
                 network: c.net,
+                whole_study: true,
             }),
         }
     }

@@ -139,12 +139,20 @@ type FormKey = (String, String, String, String, String, String);
 fn expected_form_values(
     subjects: &[Subject],
 ) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
+    // Generated OC 3.x CRF version OIDs end in `_V<n>`; the CRF is the rest.
+    expected_form_values_by(subjects, |f| f.rsplit_once("_V").map_or(f, |(c, _)| c))
+}
+
+/// As [`expected_form_values`], with the CRF OID of each form OID from `crf`.
+fn expected_form_values_by(
+    subjects: &[Subject],
+    crf: fn(&str) -> &str,
+) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
     let mut out = BTreeMap::new();
     for s in subjects {
         for e in &s.events {
             for f in &e.forms {
-                // Generated CRF version OIDs end in `_V<n>`; the CRF is the rest.
-                let crf = f.oid.rsplit_once("_V").map_or(f.oid.as_str(), |(c, _)| c);
+                let crf = crf(&f.oid);
                 for g in &f.item_groups {
                     if g.oid == "IG_SPECI_SAMPLES" {
                         continue;
@@ -487,4 +495,277 @@ async fn a_broken_document_fails_the_run_but_keeps_the_good_batches() {
         .unwrap();
     let csv = String::from_utf8(csv).unwrap();
     assert!(csv.lines().nth(1).unwrap().contains(",parse,"), "{csv}");
+}
+
+// ---------------------------------------------------------------------------
+// OpenClinica 4.x, through the simulator: full runs read the whole study in
+// one document, and a document per participant when OC cannot build it.
+
+struct Oc4Study {
+    sim: ocsync::openclinica::sim::SimHandle,
+    study: GeneratorConfig,
+    _secret: tempfile::TempDir,
+    cp: CpConfig,
+}
+
+async fn oc4_study(subjects: u32, batch_size: u32, whole_study: bool) -> Oc4Study {
+    use ocsync::openclinica::sim::{SimConfig, Simulator};
+    let study = GeneratorConfig {
+        oc4_dates: true,
+        ..study_config(subjects, 23)
+    };
+    let sim = Simulator::start(SimConfig::new(
+        study.clone(),
+        "ocsync",
+        secrecy::SecretString::from("oc4-password"),
+    ))
+    .await
+    .unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    let password = secret.path().join("oc-password");
+    std::fs::write(&password, "oc4-password").unwrap();
+    let toml = format!(
+        r#"
+id = "CP-TEST"
+batch_size = {batch_size}
+default_site = "Main"
+
+[source]
+kind = "oc4"
+base_url = "{base}"
+auth_url = "{auth}"
+study_oid = "{oid}"
+username = "ocsync"
+password = {{ file = {password:?} }}
+whole_study = {whole_study}
+
+[[specimens]]
+item_group_oid = "IG_SPECI_SAMPLES"
+label_item = "I_SPECI_BARCODE"
+type_item = "I_SPECI_TYPE"
+quantity_item = "I_SPECI_QTY"
+collection_time_item = "I_SPECI_COLLECTED"
+"#,
+        base = sim.base_url_oc4(),
+        auth = sim.auth_url(),
+        oid = study.study_oid,
+        password = password.display().to_string(),
+    );
+    let cp = CpConfig::from_toml(&toml, "oc4.toml").unwrap();
+    Oc4Study {
+        sim,
+        study,
+        _secret: secret,
+        cp,
+    }
+}
+
+impl Oc4Study {
+    /// The form values the study implies, from the generator's own
+    /// document of it.
+    fn expected(&self, dir: &Path) -> BTreeMap<FormKey, BTreeMap<String, Option<String>>> {
+        // As served: no audit logs or notes asked for.
+        let served = GeneratorConfig {
+            audit_logs: false,
+            discrepancy_notes: false,
+            ..self.study.clone()
+        };
+        // 4.x names forms by their CRF OID.
+        expected_form_values_by(&subjects_of(&write_study(dir, &served)), |f| f)
+    }
+
+    fn clinical_requests(&self, status: u16) -> u64 {
+        self.sim.counters().count("oc4.clinicaldata", status)
+    }
+}
+
+#[tokio::test]
+async fn an_oc4_full_sync_reads_the_whole_study_in_one_document() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let oc = oc4_study(30, 7, true).await;
+
+    let mut ctx = TestRun::new("oc4-whole");
+    let out = run(&t, &oc.cp, Mode::All, &mut ctx).await;
+    assert_eq!(out.result, RunResult::Success, "{out:?}");
+    assert_eq!(out.progress.subjects_done, 30);
+    assert_eq!(out.progress.subjects_total, Some(30));
+    assert_eq!(out.progress.cursor.whole_study, Some(true));
+    assert_eq!(count(&t.pool, "participants").await, 30);
+    assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
+    // The metadata (with one participant's data) and the whole study.
+    assert_eq!(oc.clinical_requests(200), 2);
+
+    // A second full run finds everything as it was.
+    let before = row_versions(&t.pool).await;
+    let again = run(&t, &oc.cp, Mode::All, &mut TestRun::new("oc4-again")).await;
+    assert_eq!(again.result, RunResult::Success);
+    assert!(all_unchanged(&again.progress.counts.form_records));
+    assert_eq!(row_versions(&t.pool).await, before);
+}
+
+#[tokio::test]
+async fn an_oc4_full_sync_reads_a_document_per_participant_when_oc_cannot_build_the_study() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let oc = oc4_study(30, 7, true).await;
+    oc.sim
+        .set_faults(ocsync::openclinica::sim::Faults {
+            max_document_subjects: 5,
+            ..Default::default()
+        })
+        .unwrap();
+
+    let out = run(&t, &oc.cp, Mode::All, &mut TestRun::new("oc4-fallback")).await;
+    assert_eq!(out.result, RunResult::Success, "{out:?}");
+    assert_eq!(out.progress.cursor.whole_study, Some(false));
+    assert_eq!(out.progress.errors, 0);
+    assert_eq!(count(&t.pool, "participants").await, 30);
+    assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
+    // The whole study failed (each of the retry policy's attempts); the
+    // metadata and each participant came one document each.
+    let attempts = u64::from(ocsync::openclinica::RetryPolicy::default().max_attempts);
+    assert_eq!(oc.clinical_requests(500), attempts);
+    assert_eq!(oc.clinical_requests(200), 31);
+}
+
+#[tokio::test]
+async fn an_oc4_cp_set_to_read_per_participant_never_asks_for_the_whole_study() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let oc = oc4_study(12, 5, false).await;
+    let out = run(&t, &oc.cp, Mode::All, &mut TestRun::new("oc4-each")).await;
+    assert_eq!(out.result, RunResult::Success, "{out:?}");
+    assert_eq!(out.progress.cursor.whole_study, Some(false));
+    assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
+    assert_eq!(oc.clinical_requests(200), 13);
+    assert_eq!(oc.clinical_requests(500), 0);
+}
+
+#[tokio::test]
+async fn a_resumed_oc4_run_reads_the_study_the_way_its_first_attempt_did() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // First attempt on the whole-study document, stopped after two batches.
+    let oc = oc4_study(30, 7, true).await;
+    let mut first = TestRun::new("oc4-resume");
+    first.stop_after = Some(2);
+    let out = run(&t, &oc.cp, Mode::All, &mut first).await;
+    assert_eq!(out.result, RunResult::Aborted);
+    assert_eq!(out.progress.subjects_done, 14);
+    assert_eq!(out.progress.cursor.whole_study, Some(true));
+    let mut resumed = TestRun::new("oc4-resume");
+    resumed.resume = Some(out.progress);
+    let done = run(&t, &oc.cp, Mode::All, &mut resumed).await;
+    assert_eq!(done.result, RunResult::Success, "{done:?}");
+    assert_eq!(done.progress.subjects_done, 30);
+    assert_eq!(done.progress.counts.participants.created, 30);
+    assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
+
+    // First attempt per participant (OC could not build the study); the
+    // resumed attempt stays per participant even though OC now could.
+    let t = TestDb::migrated().await;
+    let oc = oc4_study(30, 7, true).await;
+    oc.sim
+        .set_faults(ocsync::openclinica::sim::Faults {
+            max_document_subjects: 5,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut first = TestRun::new("oc4-resume-each");
+    first.stop_after = Some(2);
+    let out = run(&t, &oc.cp, Mode::All, &mut first).await;
+    assert_eq!(out.progress.cursor.whole_study, Some(false));
+    assert_eq!(out.progress.subjects_done, 14);
+    oc.sim
+        .set_faults(ocsync::openclinica::sim::Faults::default())
+        .unwrap();
+    let mut resumed = TestRun::new("oc4-resume-each");
+    resumed.resume = Some(out.progress);
+    let done = run(&t, &oc.cp, Mode::All, &mut resumed).await;
+    assert_eq!(done.result, RunResult::Success, "{done:?}");
+    assert_eq!(done.progress.subjects_done, 30);
+    assert_eq!(count(&t.pool, "participants").await, 30);
+    assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
+    let attempts = u64::from(ocsync::openclinica::RetryPolicy::default().max_attempts);
+    assert_eq!(
+        oc.clinical_requests(500),
+        attempts,
+        "no second try of the whole study"
+    );
+}
+
+/// Each subject's input fingerprint, by key.
+async fn input_hashes(pool: &PgPool) -> BTreeMap<String, Option<String>> {
+    sqlx::query_as::<_, (String, Option<String>)>(
+        "SELECT subject_key, input_hash FROM ocsync.subject_state WHERE cp_id = 'CP-TEST'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test]
+async fn an_incremental_run_skips_unchanged_input_but_not_a_changed_mapping() {
+    let t = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_study(dir.path(), &study_config(20, 31));
+    let cp = cp_config(&path, 6);
+    let full = run(&t, &cp, Mode::All, &mut TestRun::new("fp-1")).await;
+    assert_eq!(full.result, RunResult::Success);
+    let first = input_hashes(&t.pool).await;
+    assert_eq!(first.len(), 20);
+    assert!(
+        first
+            .values()
+            .all(|h| h.as_ref().is_some_and(|h| h.len() == 32))
+    );
+
+    // Same input, same configuration: skipped, fingerprints as they were.
+    let before = row_versions(&t.pool).await;
+    let same = run(&t, &cp, Mode::Incremental, &mut TestRun::new("fp-2")).await;
+    assert_eq!(same.progress.counts.participants.unchanged, 20);
+    assert_eq!(input_hashes(&t.pool).await, first);
+    assert_eq!(row_versions(&t.pool).await, before);
+
+    // A configuration change that changes no record: every subject is read
+    // again (its fingerprint no longer matches), found unchanged, and keeps
+    // a new fingerprint; nothing is rewritten.
+    let mut described = cp.clone();
+    described.description = Some("now with a description".into());
+    let same = run(&t, &described, Mode::Incremental, &mut TestRun::new("fp-3")).await;
+    assert_eq!(same.progress.counts.participants.unchanged, 20);
+    assert_eq!(same.progress.counts.visits.updated, 0);
+    assert_eq!(row_versions(&t.pool).await, before);
+    let refreshed = input_hashes(&t.pool).await;
+    assert!(
+        first
+            .iter()
+            .all(|(k, h)| refreshed[k] != *h && refreshed[k].is_some())
+    );
+
+    // A mapping change the same input: the visits get their new label.
+    let mut relabelled = described.clone();
+    relabelled
+        .event_map
+        .insert("SE_VISIT".into(), "Visit, relabelled".into());
+    let out = run(
+        &t,
+        &relabelled,
+        Mode::Incremental,
+        &mut TestRun::new("fp-4"),
+    )
+    .await;
+    assert_eq!(out.result, RunResult::Success);
+    assert!(out.progress.counts.visits.updated > 0, "{out:?}");
+    let labels: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ocsync_data.visits WHERE event_label = 'Visit, relabelled'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(labels as u64, out.progress.counts.visits.updated);
 }

@@ -94,6 +94,10 @@ pub struct SimArgs {
     /// 4.x: a token is refused after this many data requests (0: never).
     #[arg(long, default_value_t = 0)]
     pub token_expiry_every: u32,
+    /// Clinical data documents of more subjects than this are answered
+    /// 500, like a study too large for OC to build (0: no limit)
+    #[arg(long, default_value_t = 0)]
+    pub max_document_subjects: u32,
 }
 
 impl SimArgs {
@@ -134,6 +138,7 @@ impl SimArgs {
             drip_delay_ms: self.drip_delay_ms,
             session_expiry_every: self.session_expiry_every,
             token_expiry_every: self.token_expiry_every,
+            max_document_subjects: self.max_document_subjects,
         };
         faults.validate().map_err(|e| anyhow::anyhow!(e))?;
         Ok(SimConfig {

@@ -53,6 +53,10 @@ pub struct Faults {
     /// OC 4.x: a token serves this many data requests, then it is refused
     /// with 401 (0: never; its `exp` still counts).
     pub token_expiry_every: u32,
+    /// A clinical data document that would hold more subjects than this is
+    /// answered 500, as OpenClinica answers when a study is too large to
+    /// build in memory (0: no limit).
+    pub max_document_subjects: u32,
 }
 
 impl Default for Faults {
@@ -73,6 +77,7 @@ impl Default for Faults {
             drip_delay_ms: 0,
             session_expiry_every: 0,
             token_expiry_every: 0,
+            max_document_subjects: 0,
         }
     }
 }

@@ -504,7 +504,16 @@ fn answer(shared: &Shared, scheme: Scheme, what: What) -> Result<Answer, Refusal
                 audits,
                 notes,
             };
-            Ok(Answer::Document(studies.document(&request)?))
+            let document = studies.document(&request)?;
+            let limit = shared.faults().faults.max_document_subjects;
+            let subjects = document.subject_range.as_ref().map_or(0, |r| r.len());
+            if limit > 0 && subjects > limit as usize {
+                return Err(Refusal(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "java.lang.OutOfMemoryError: Java heap space".into(),
+                ));
+            }
+            Ok(Answer::Document(document))
         }
         What::Metadata { study, event, form } => {
             wildcard_only(&[&event, &form])?;
