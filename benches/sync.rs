@@ -7,7 +7,7 @@
 //!
 //! 1. a full sync (mode `all`): subjects/s and rows/s. OC 3.x reads one
 //!    whole-study document; OC 4.x lists the participants and reads one
-//!    document per subject (four in flight);
+//!    whole-study document too (the CP's default, `whole_study = true`);
 //! 2. the ceiling: a bare `COPY … FROM STDIN` of exactly the rows that sync
 //!    wrote, into the same tables (emptied first), rows/s;
 //! 3. an incremental sync with nothing changed, and a second full sync with
@@ -161,7 +161,7 @@ impl Figures {
             "\nSync, OpenClinica {} simulator → Postgres sink ({} subjects, {} rows; one process; median of {})",
             match self.api {
                 Api::Oc3 => "3.x (one whole-study document)",
-                Api::Oc4 => "4.x (participant list, a document per subject)",
+                Api::Oc4 => "4.x (participant list, one whole-study document)",
             },
             self.subjects,
             self.rows,

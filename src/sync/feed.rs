@@ -144,8 +144,11 @@ impl Feed {
                             Some(w) => w,
                             None => whole_study && matches!(mode, Mode::All),
                         };
+                        // Once an attempt has committed subjects read from
+                        // the document, its order is the one to resume in.
+                        let resumed = cursor.whole_study == Some(true) && skip > 0;
                         let document = if whole {
-                            Self::whole_study(source, cursor.whole_study.is_some()).await?
+                            Self::whole_study(source, resumed).await?
                         } else {
                             None
                         };
@@ -199,6 +202,7 @@ impl Feed {
                     if let Some(l) = &mut feed.listed {
                         l.skip = skip - done;
                     }
+                    feed.after_document();
                     break;
                 }
             }
@@ -364,6 +368,7 @@ impl Feed {
     /// each, as a run without the document would have read them.
     fn after_document(&mut self) {
         let Some(l) = self.listed.take() else {
+            self.shape = Shape::Done;
             return;
         };
         let missing: Vec<String> = l

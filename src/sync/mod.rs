@@ -31,7 +31,7 @@
 //!   So an incremental run of an OC 3.x CP costs at least the server's
 //!   answer for the whole study: `make bench` measures that read alone at
 //!   about a tenth of a full sync's time, and the incremental run at about
-//!   a third of it, against a fiftieth for OC 4.x.
+//!   a third of it, against a thirtieth for OC 4.x.
 //! - Every subject read is fingerprinted as read
 //!   ([`crate::mapping::input_fingerprint`]: its ODM, keyed by the CP's
 //!   configuration, the study's metadata and the ocsync version). One that
