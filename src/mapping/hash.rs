@@ -7,7 +7,7 @@
 //!   input fingerprint is the one stored at its last write is skipped
 //!   without mapping.
 
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
@@ -43,29 +43,10 @@ impl InputKey {
 /// digits. Not a defence against forgery (no one gains by forging one):
 /// a fast fingerprint whose accidental collisions are out of reach.
 pub fn input_fingerprint(key: InputKey, subject: &Subject) -> String {
-    // `Hash` feeds many short pieces; gathering them first and hashing
-    // once is several times faster than feeding the hasher piece by piece.
-    thread_local! {
-        static BUF: std::cell::RefCell<Gather> = const { std::cell::RefCell::new(Gather(Vec::new())) };
-    }
-    BUF.with_borrow_mut(|buf| {
-        buf.0.clear();
-        key.0.hash(buf);
-        subject.hash(buf);
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf.0))
-    })
-}
-
-/// A [`Hasher`] that only gathers the bytes it is fed.
-struct Gather(Vec<u8>);
-
-impl Hasher for Gather {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.extend_from_slice(bytes);
-    }
-    fn finish(&self) -> u64 {
-        unreachable!("only gathers bytes")
-    }
+    let mut h = Xxh3::new();
+    key.0.hash(&mut h);
+    subject.hash(&mut h);
+    format!("{:032x}", h.digest128())
 }
 
 /// SHA-256 of the records' canonical JSON, as 64 lower-case hex digits.
