@@ -119,24 +119,12 @@ impl Oc4 {
     /// whole study, only when there is none) with metadata and nothing
     /// else that costs (4.x has no metadata-only REST call).
     pub fn metadata_url(&self, study: &str, subject: Option<&str>) -> Url {
-        self.server.url(
-            &[
-                "pages",
-                "auth",
-                "api",
-                "clinicaldata",
-                study,
-                subject.unwrap_or("*"),
-                "*",
-                "*",
-            ],
-            &[
-                ("includeMetadata", "y"),
-                ("includeAudits", "n"),
-                ("includeDNs", "n"),
-                ("showArchived", "n"),
-            ],
-        )
+        let flags = QueryFlags {
+            include_metadata: true,
+            include_audits: false,
+            show_archived: false,
+        };
+        self.clinical_url(study, subject, flags)
     }
 
     pub fn participants_url(&self, study: &str) -> Url {

@@ -577,6 +577,22 @@ impl Oc4Study {
     fn clinical_requests(&self, status: u16) -> u64 {
         self.sim.counters().count("oc4.clinicaldata", status)
     }
+
+    /// OC answers 500 to any document of more than five subjects, as it
+    /// does for a study too large to build.
+    fn refuse_whole_study(&self) {
+        self.sim
+            .set_faults(ocsync::openclinica::sim::Faults {
+                max_document_subjects: 5,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+}
+
+/// The requests a failing document gets: every attempt of the retry policy.
+fn retry_attempts() -> u64 {
+    u64::from(ocsync::openclinica::RetryPolicy::default().max_attempts)
 }
 
 #[tokio::test]
@@ -609,12 +625,7 @@ async fn an_oc4_full_sync_reads_a_document_per_participant_when_oc_cannot_build_
     let t = TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
     let oc = oc4_study(30, 7, true).await;
-    oc.sim
-        .set_faults(ocsync::openclinica::sim::Faults {
-            max_document_subjects: 5,
-            ..Default::default()
-        })
-        .unwrap();
+    oc.refuse_whole_study();
 
     let out = run(&t, &oc.cp, Mode::All, &mut TestRun::new("oc4-fallback")).await;
     assert_eq!(out.result, RunResult::Success, "{out:?}");
@@ -624,8 +635,7 @@ async fn an_oc4_full_sync_reads_a_document_per_participant_when_oc_cannot_build_
     assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
     // The whole study failed (each of the retry policy's attempts); the
     // metadata and each participant came one document each.
-    let attempts = u64::from(ocsync::openclinica::RetryPolicy::default().max_attempts);
-    assert_eq!(oc.clinical_requests(500), attempts);
+    assert_eq!(oc.clinical_requests(500), retry_attempts());
     assert_eq!(oc.clinical_requests(200), 31);
 }
 
@@ -667,12 +677,7 @@ async fn a_resumed_oc4_run_reads_the_study_the_way_its_first_attempt_did() {
     // resumed attempt stays per participant even though OC now could.
     let t = TestDb::migrated().await;
     let oc = oc4_study(30, 7, true).await;
-    oc.sim
-        .set_faults(ocsync::openclinica::sim::Faults {
-            max_document_subjects: 5,
-            ..Default::default()
-        })
-        .unwrap();
+    oc.refuse_whole_study();
     let mut first = TestRun::new("oc4-resume-each");
     first.stop_after = Some(2);
     let out = run(&t, &oc.cp, Mode::All, &mut first).await;
@@ -688,10 +693,9 @@ async fn a_resumed_oc4_run_reads_the_study_the_way_its_first_attempt_did() {
     assert_eq!(done.progress.subjects_done, 30);
     assert_eq!(count(&t.pool, "participants").await, 30);
     assert_eq!(actual_form_values(&t.pool).await, oc.expected(dir.path()));
-    let attempts = u64::from(ocsync::openclinica::RetryPolicy::default().max_attempts);
     assert_eq!(
         oc.clinical_requests(500),
-        attempts,
+        retry_attempts(),
         "no second try of the whole study"
     );
 }
