@@ -199,6 +199,19 @@ impl Browser {
         self.post_with(path, form, Some(ORIGIN)).await
     }
 
+    /// Submits CP-A's configuration form.
+    async fn save_cp_a(&mut self, csrf: &str, expected_version: &str, config: &str) -> Answer {
+        self.post(
+            "/ui/cps/CP-A/config",
+            &[
+                ("csrf", csrf),
+                ("expected_version", expected_version),
+                ("config", config),
+            ],
+        )
+        .await
+    }
+
     /// Signs in with `token`; the page after sign-in.
     async fn sign_in(&mut self, token: &str) -> Answer {
         let form = self.get("/ui/signin").await;
@@ -734,16 +747,7 @@ async fn an_edit_is_refused_while_a_run_is_active_and_kept_for_later() {
         "{}",
         page.body
     );
-    let a = b
-        .post(
-            "/ui/cps/CP-A/config",
-            &[
-                ("csrf", &csrf),
-                ("expected_version", "1"),
-                ("config", edited),
-            ],
-        )
-        .await;
+    let a = b.save_cp_a(&csrf, "1", edited).await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(a.body.contains("Not saved"), "{}", a.body);
     assert!(a.body.contains(&format!(r#"href="/ui/runs/{run}""#)));
@@ -762,40 +766,15 @@ async fn an_edit_is_refused_while_a_run_is_active_and_kept_for_later() {
     // Bad TOML: the place is named, nothing is stored.
     abort(&s.t.pool, &run).await;
     let a = b
-        .post(
-            "/ui/cps/CP-A/config",
-            &[
-                ("csrf", &csrf),
-                ("expected_version", "1"),
-                ("config", "id = \"CP-A\"\nbatch_size = \"many\"\n"),
-            ],
-        )
+        .save_cp_a(&csrf, "1", "id = \"CP-A\"\nbatch_size = \"many\"\n")
         .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(a.body.contains("configuration:2:14"), "{}", a.body);
-    let a = b
-        .post(
-            "/ui/cps/CP-A/config",
-            &[
-                ("csrf", &csrf),
-                ("expected_version", "1"),
-                ("config", &cp("CP-B").to_toml()),
-            ],
-        )
-        .await;
+    let a = b.save_cp_a(&csrf, "1", &cp("CP-B").to_toml()).await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
 
     // After the run: saved, with a new version.
-    let a = b
-        .post(
-            "/ui/cps/CP-A/config",
-            &[
-                ("csrf", &csrf),
-                ("expected_version", "1"),
-                ("config", edited),
-            ],
-        )
-        .await;
+    let a = b.save_cp_a(&csrf, "1", edited).await;
     assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
     assert_eq!(a.location(), "/ui/cps/CP-A?saved=2");
     assert!(
@@ -810,16 +789,7 @@ async fn an_edit_is_refused_while_a_run_is_active_and_kept_for_later() {
     assert_eq!((stored.version, stored.config.batch_size), (2, 7));
 
     // Someone else's edit in between is not overwritten unseen.
-    let a = b
-        .post(
-            "/ui/cps/CP-A/config",
-            &[
-                ("csrf", &csrf),
-                ("expected_version", "1"),
-                ("config", edited),
-            ],
-        )
-        .await;
+    let a = b.save_cp_a(&csrf, "1", edited).await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(a.body.contains("someone else changed"), "{}", a.body);
     assert!(a.body.contains(r#"name="expected_version" value="1""#));
